@@ -1,0 +1,64 @@
+"""Sparse paged decode attention, torch reference: [sink | selected pages | recent window], one softmax.
+
+This is the definition the Triton kernel in ``kernels/`` is tested against, and the path used on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dense_decode_attention", "paged_decode_attention"]
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    sink_k: torch.Tensor,  # [B, Hkv, Ts, D]
+    sink_v: torch.Tensor,  # [B, Hkv, Ts, D]
+    slot_k: torch.Tensor,  # [B, Hkv, N, S, D]  GPU slot pool
+    slot_v: torch.Tensor,  # [B, Hkv, N, S, D]
+    slot_len: torch.Tensor,  # [B, Hkv, N] int32 valid tokens per slot
+    slots: torch.Tensor,  # [B, Hkv, K] int64 slots to read, -1 = none
+    win_k: torch.Tensor,  # [B, Hkv, Tw, D]
+    win_v: torch.Tensor,  # [B, Hkv, Tw, D]
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Attention of one query token per row over the sink, the selected pages and the window.
+
+    The query heads of a GQA group (``G = Hq // Hkv``) read their KV head's pages. Invalid page slots and
+    the tail of partly filled pages are masked; everything is combined in a single float32 softmax.
+    """
+    B, Hq, D = q.shape
+    H, K = slots.shape[1], slots.shape[2]
+    S = slot_k.shape[3]
+    G = Hq // H
+    sl = slots.clamp(min=0)
+    idx = sl.view(B, H, K, 1, 1).expand(B, H, K, S, D)
+    sel_k = slot_k.gather(2, idx).reshape(B, H, K * S, D)  # [B, H, K*S, D]
+    sel_v = slot_v.gather(2, idx).reshape(B, H, K * S, D)
+    lens = torch.where(slots >= 0, slot_len.gather(2, sl).long(), 0)  # [B, H, K]
+    sel_mask = (torch.arange(S, device=q.device).view(1, 1, 1, S) < lens.unsqueeze(-1)).reshape(B, H, K * S)
+    keys = torch.cat([sink_k, sel_k, win_k], dim=2).float()  # [B, H, L, D]
+    vals = torch.cat([sink_v, sel_v, win_v], dim=2).float()
+    ones = lambda t: torch.ones(B, H, t.shape[2], dtype=torch.bool, device=q.device)  # noqa: E731
+    mask = torch.cat([ones(sink_k), sel_mask, ones(win_k)], dim=2)  # [B, H, L]
+    qg = q.float().view(B, H, G, D)
+    logits = torch.einsum("bhgd,bhld->bhgl", qg, keys) * scaling  # [B, H, G, L]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    p = logits.softmax(dim=-1)
+    out = torch.einsum("bhgl,bhld->bhgd", p, vals)  # [B, H, G, D]
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def dense_decode_attention(q, k, v, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Reference dense decode attention. q: [B, Hq, D]; k, v: [B, Hkv, T, D] -> [B, Hq, D]."""
+    B, Hq, D = q.shape
+    H = k.shape[1]
+    qg = q.float().view(B, H, Hq // H, D)
+    logits = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * scaling
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    out = torch.einsum("bhgt,bhtd->bhgd", logits.softmax(-1), v.float())
+    return out.reshape(B, Hq, D).to(q.dtype)

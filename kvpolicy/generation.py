@@ -1,0 +1,112 @@
+"""``kvpolicy.generate``: one call from a model and a prompt to text generated under a policy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvpolicy.hf import KVPolicyCache, check_model_supported
+from kvpolicy.policy import Policy
+
+__all__ = ["GenerationResult", "generate", "prepare_inputs"]
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate`` returns: tokens, text (when a tokenizer was given), timing and memory."""
+
+    token_ids: torch.Tensor  # [B, new_tokens] generated ids (prompt excluded)
+    text: list[str] | None
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    policy: dict[str, Any]
+    budget: str
+    memory: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+        m = self.memory
+        return (
+            f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens in {self.seconds:.2f} s "
+            f"({self.new_tokens / max(self.seconds, 1e-9):.1f} tok/s) | budget {self.budget} | "
+            f"KV on device {mib(m.get('device_kv', 0))}, KV on CPU {mib(m.get('cpu_kv', 0))}, "
+            f"index {mib(m.get('index', 0))}"
+        )
+
+
+def prepare_inputs(tokenizer_or_inputs: Any, prompt: str | None, *, chat: bool, device) -> dict[str, torch.Tensor]:
+    """Tokenize ``prompt`` (with the chat template if ``chat``), or normalise given inputs/ids."""
+    obj = tokenizer_or_inputs
+    if isinstance(obj, torch.Tensor):
+        ids = obj if obj.dim() == 2 else obj.unsqueeze(0)
+        inputs = {"input_ids": ids}
+    elif isinstance(obj, dict) or hasattr(obj, "keys") and "input_ids" in obj:
+        inputs = {k: obj[k] for k in ("input_ids", "attention_mask") if k in obj}
+    elif hasattr(obj, "encode"):
+        if prompt is None:
+            raise ValueError("a prompt is required when a tokenizer is passed")
+        if chat and getattr(obj, "chat_template", None):
+            ids = obj.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                return_dict=True,
+            )["input_ids"]
+        else:
+            ids = obj(prompt, return_tensors="pt")["input_ids"]
+        inputs = {"input_ids": ids}
+    else:
+        raise TypeError(f"expected a tokenizer, a dict of inputs or a tensor of ids; got {type(obj).__name__}")
+    ids = inputs["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError("input_ids must be an integer tensor [B, T]")
+    mask = inputs.get("attention_mask")
+    if mask is not None and not bool(mask.bool().all()):
+        raise ValueError("padded batches are not supported by kvpolicy policies: give rows of equal length")
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer_or_inputs: Any,
+    prompt: str | None = None,
+    *,
+    policy: Policy | str | dict = "full",
+    budget: int | None = None,
+    max_new_tokens: int = 32,
+    chat: bool = True,
+    tokenizer: Any = None,
+    validate: bool = False,
+    **generate_kwargs: Any,
+) -> GenerationResult:
+    """Greedy (by default) generation with the KV cache under ``policy`` at ``budget`` tokens.
+
+    ``tokenizer_or_inputs`` is a tokenizer (then ``prompt`` is required and the output is decoded), a dict
+    with ``input_ids`` or a ``[B, T]`` tensor of ids. ``budget=None`` means unlimited.
+    """
+    check_model_supported(model.config)
+    pol = Policy.resolve(policy, budget=budget)  # validated before anything runs
+    tok = tokenizer or (tokenizer_or_inputs if hasattr(tokenizer_or_inputs, "decode") else None)
+    inputs = prepare_inputs(tokenizer_or_inputs, prompt, chat=chat, device=model.device)
+    prompt_len = inputs["input_ids"].shape[1]
+    previous = model.config._attn_implementation
+    cache = KVPolicyCache(model, pol, validate=validate)
+    generate_kwargs.setdefault("do_sample", False)
+    try:
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, **generate_kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    finally:
+        model.set_attn_implementation(previous)
+    new = out[:, prompt_len:]
+    text = [tok.decode(row, skip_special_tokens=True) for row in new] if tok is not None else None
+    return GenerationResult(
+        token_ids=new, text=text, prompt_tokens=prompt_len, new_tokens=new.shape[1], seconds=seconds,
+        policy=pol.to_config(), budget=pol.resolve_budget().describe(), memory=cache.memory(), stats=cache.stats(),
+    )

@@ -1,0 +1,247 @@
+"""Integration with Hugging Face transformers (>= 5.17), without monkeypatching.
+
+* ``KVPolicyCache`` is a ``DynamicCache`` whose full-attention layers are ``PolicyCacheLayer`` objects,
+  each wrapping a ``PolicyLayer``; dense layers of the policy and sliding-window layers (Gemma 3) keep
+  transformers' own layer classes.
+* An attention function and a mask function are registered under the name ``"kvpolicy"`` through
+  ``AttentionInterface``/``AttentionMaskInterface``. Prefill and non-policy layers run SDPA; a decode step
+  of a policy layer runs the policy. The cache layer hands the new token's K/V to the attention function
+  through a thread-local slot, checked against ``module.layer_idx``.
+
+Usage::
+
+    cache = KVPolicyCache(model, Policy.preset("oracle", budget=256))   # selects attn "kvpolicy"
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+import torch
+
+from kvpolicy.errors import UnsupportedModelError
+from kvpolicy.layer import PolicyLayer
+from kvpolicy.policy import Policy
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "KVPolicyCache",
+    "PolicyCacheLayer",
+    "SUPPORTED_MODEL_TYPES",
+    "check_model_supported",
+    "register_attention",
+]
+
+ATTN_IMPLEMENTATION = "kvpolicy"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
+
+_handoff = threading.local()
+_registered = False
+
+
+def register_attention() -> None:
+    """Register the ``kvpolicy`` attention and mask functions with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvpolicy_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    _registered = True
+
+
+def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function. query: [B, Hq, q_len, D]; returns ([B, q_len, Hq, D], None)."""
+    pending = getattr(_handoff, "item", None)
+    _handoff.item = None
+    if pending is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    layer, cache, k_new, v_new = pending
+    if layer.state.layer_idx != getattr(module, "layer_idx", layer.state.layer_idx):
+        raise RuntimeError(
+            f"kvpolicy attention called for layer {module.layer_idx} with the K/V of layer {layer.state.layer_idx}"
+        )
+    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+    out = layer.state.decode(
+        query[:, :, 0], k_new, v_new, scaling=scale, softcap=kwargs.get("softcap"),
+        prev_selection=cache.step_selection,
+    )  # [B, Hq, D]
+    cache.step_selection = layer.state.last_selection
+    return out.unsqueeze(1), None
+
+
+def _layer_base():
+    from transformers.cache_utils import CacheLayerMixin
+
+    return CacheLayerMixin
+
+
+class PolicyCacheLayer(_layer_base()):
+    """A transformers cache layer backed by a ``PolicyLayer``."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, state: PolicyLayer, cache: KVPolicyCache):
+        self.state = state
+        self.cache = cache
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def __repr__(self) -> str:
+        return f"PolicyCacheLayer(layer={self.state.layer_idx}, policy={self.state.policy.label()!r})"
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not self.state.prefilled:
+            self.state.prefill(key_states, value_states)  # the prompt is attended densely (SDPA)
+            _handoff.item = None
+            return key_states, value_states
+        if key_states.shape[2] != 1:
+            raise NotImplementedError(
+                f"layer {self.state.layer_idx}: decoding {key_states.shape[2]} tokens per step is not supported "
+                "by KVPolicyCache (one token per step after the prefill)"
+            )
+        _handoff.item = (self, self.cache, key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.state.seq_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.state.seq_len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state.reset()
+        self.is_initialized = False
+
+    def offload(self) -> None:
+        """Already offloaded by construction."""
+
+    def prefetch(self) -> None:
+        """Pages are fetched per step by the policy."""
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("beam search is not supported by KVPolicyCache")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("cropping (assisted decoding) is not supported by KVPolicyCache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("expanding the batch (num_return_sequences > 1) is not supported by KVPolicyCache")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("selecting batch rows is not supported by KVPolicyCache")
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def check_model_supported(config) -> None:
+    """Raise ``UnsupportedModelError`` unless the architecture is one kvpolicy runs."""
+    mt = getattr(_text_config(config), "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model type {mt!r} is not supported by kvpolicy; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def _get_dynamic_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+class KVPolicyCache(_get_dynamic_cache()):
+    """A transformers ``Cache`` that runs ``policy`` on every full-attention layer not listed as dense.
+
+    ``model_or_config``: the model (its attention implementation is switched to ``"kvpolicy"``; the
+    function falls back to SDPA for anything that is not a policy decode step) or its config (then set
+    ``model.set_attn_implementation("kvpolicy")`` yourself). ``validate=True`` checks every Selection.
+    """
+
+    def __init__(self, model_or_config: Any, policy: Policy | str | dict, *, budget: Any = ..., validate: bool = False):
+        config = getattr(model_or_config, "config", model_or_config)
+        check_model_supported(config)
+        overrides = {} if budget is ... else {"budget": budget}
+        self.policy = Policy.resolve(policy, **overrides)
+        text = _text_config(config)
+        n_layers = text.num_hidden_layers
+        bad = [x for x in self.policy.dense_layers if x >= n_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} do not exist: the model has {n_layers} layers")
+        super().__init__(config=config)
+        self.step_selection = None  # selection of the last policy layer run in this step (layer reuse)
+        self.policy_layers: list[int] = []
+        for i, layer in enumerate(self.layers):
+            if getattr(layer, "is_sliding", False) or i in self.policy.dense_layers:
+                continue
+            self.layers[i] = PolicyCacheLayer(PolicyLayer(self.policy, i, validate=validate), self)
+            self.policy_layers.append(i)
+        register_attention()
+        if hasattr(model_or_config, "set_attn_implementation"):
+            model_or_config.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    @classmethod
+    def from_dense(cls, model: Any, policy: Policy | str | dict, dense_cache, **kw) -> KVPolicyCache:
+        """A cache whose prefill is taken from an already filled ``DynamicCache`` (e.g. computed once and
+        reused across policies and budgets). The dense cache is not modified."""
+        cache = cls(model, policy, **kw)
+        if len(dense_cache.layers) != len(cache.layers):
+            raise ValueError(f"dense cache has {len(dense_cache.layers)} layers, the model {len(cache.layers)}")
+        for i, src in enumerate(dense_cache.layers):
+            dst = cache.layers[i]
+            if isinstance(dst, PolicyCacheLayer):
+                dst.lazy_initialization(src.keys, src.values)
+                dst.state.prefill(src.keys, src.values)
+            else:
+                cache.layers[i] = copy.deepcopy(src)
+        return cache
+
+    def begin_step(self) -> None:
+        self.step_selection = None
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of KV on the compute device, KV in CPU memory and index metadata, over all layers."""
+        tot = {"device_kv": 0, "cpu_kv": 0, "index": 0}
+        for layer in self.layers:
+            if isinstance(layer, PolicyCacheLayer):
+                for k, v in layer.state.memory().items():
+                    tot[k] += v
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                target = "cpu_kv" if layer.keys.device.type == "cpu" and torch.cuda.is_available() else "device_kv"
+                tot[target] += layer.keys.nbytes + layer.values.nbytes
+        return tot
+
+    def stats(self) -> dict[str, float]:
+        """Counters summed over policy layers (steps counted once)."""
+        out: dict[str, float] = {}
+        for i in self.policy_layers:
+            for k, v in vars(self.layers[i].state.stats).items():
+                out[k] = out.get(k, 0) + v
+        if self.policy_layers:
+            out["steps"] = self.layers[self.policy_layers[0]].state.stats.steps
+        return out

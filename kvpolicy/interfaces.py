@@ -1,0 +1,185 @@
+"""The four pluggable parts of a policy: ``Index``, ``Selector``, ``PageAllocator``, ``Transfer``.
+
+Each part is a small ABC whose methods are called directly on the decode path (pluggy is used only to
+*discover* the classes, never in the loop). Implementations are keyword-only dataclasses: hyperparameters are
+fields validated in ``__post_init__`` (``ValueError``, never ``assert``); per-call knobs travel in
+``SearchParams``; the token budget travels in ``SelectContext``, so one instance can be swept over budgets.
+Optional capabilities raise ``NotImplementedError`` naming the class.
+
+Contracts are documented here once; implementations document only what they add.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from kvpolicy.types import PageLayout, Reservation, SearchParams, SelectContext, Selection, TransferHandle
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvpolicy.pool import PagePool
+
+__all__ = ["Index", "PageAllocator", "Part", "Selector", "Transfer"]
+
+
+class Part(ABC):
+    """Common base: a registered name, a kind, and the largest batch the part handles (None = any)."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    max_batch_size: ClassVar[int | None] = None
+
+    @classmethod
+    def tiny(cls) -> Part:
+        """A small instance for conformance tests and sweeps (defaults unless a class needs otherwise)."""
+        return cls()
+
+    def _unsupported(self, what: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__} ({self.kind} {self.name!r}) does not support {what}")
+
+
+class Index(Part):
+    """Groups one layer's keys into pages (one page set per (batch row, KV head)) and answers top-k page
+    queries.
+
+    Contract:
+
+    * ``build(keys, page_size=S)`` takes keys ``[B, Hkv, T, D]`` (float) and returns a ``PageLayout`` that
+      puts every token in exactly one page of at most ``S`` tokens. Token ids are index-local (0..T-1).
+      It replaces any previous content.
+    * ``add(keys)`` (only if ``supports_add``) appends keys ``[B, Hkv, n, D]``; they get the next ids. It
+      returns a layout of the pages that are new or whose contents changed; every other page keeps its
+      contents and id.
+    * ``search(queries, k)`` takes queries ``[B, Hq, D]`` (Hq a multiple of Hkv; the query heads of a GQA
+      group share their KV head's pages) and returns a ``Selection`` of at most ``k`` distinct pages per
+      (b, KV head), best first, PAD-padded. ``k`` larger than the number of pages returns them all.
+    * ``num_pages`` ``[B, Hkv]``, ``num_tokens`` and ``nbytes`` (index metadata bytes, keys it keeps for
+      scoring included) describe the current state; ``reset()`` empties it.
+    """
+
+    kind: ClassVar[str] = "index"
+    supports_add: ClassVar[bool] = False
+    device: str = "cpu"  # where search runs
+
+    @abstractmethod
+    def build(self, keys: torch.Tensor, *, page_size: int) -> PageLayout: ...
+
+    @abstractmethod
+    def search(self, queries: torch.Tensor, k: int, *, params: SearchParams | None = None) -> Selection: ...
+
+    def add(self, keys: torch.Tensor) -> PageLayout:
+        raise self._unsupported("add()")
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def num_pages(self) -> torch.Tensor: ...
+
+    @property
+    @abstractmethod
+    def num_tokens(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int: ...
+
+
+class Selector(Part):
+    """Decides, at each decode step, which pages each KV head attends to besides its sink and window.
+
+    Contract:
+
+    * ``prepare(keys, layout, ctx)`` runs once after prefill with the index-local keys ``[B, Hkv, n, D]`` and
+      the index's layout (e.g. to compute page bounds). ``update(keys, layout, ctx)`` runs after each
+      ``Index.add`` with the added keys and the layout of the changed pages.
+    * ``select(query, ctx)`` takes the current query ``[B, Hq, D]`` and returns a valid ``Selection`` with at
+      most ``ctx.k`` pages per (b, KV head) (``ctx.k`` is every page for an unlimited budget).
+    * ``requires_index``: the selector calls ``ctx.index.search``; ``query_aware``: the selection depends on
+      the query; ``uses_budget = False`` marks selectors that always read every page (``full``).
+    """
+
+    kind: ClassVar[str] = "selector"
+    requires_index: ClassVar[bool] = False
+    query_aware: ClassVar[bool] = True
+    uses_budget: ClassVar[bool] = True
+
+    def prepare(self, keys: torch.Tensor, layout: PageLayout, ctx: SelectContext) -> None:  # noqa: B027
+        """Default: nothing to prepare."""
+
+    def update(self, keys: torch.Tensor, layout: PageLayout, ctx: SelectContext) -> None:  # noqa: B027
+        """Default: nothing to update."""
+
+    @abstractmethod
+    def select(self, query: torch.Tensor, ctx: SelectContext) -> Selection: ...
+
+    def reset(self) -> None:  # noqa: B027
+        """Default: stateless."""
+
+
+class PageAllocator(Part):
+    """Maps logical pages to GPU slots of one layer and owns eviction of the GPU working set.
+
+    Contract:
+
+    * ``setup(batch_size, num_kv_heads, num_slots, device)`` sizes the slot table (``num_slots`` per
+      (b, KV head)) and empties it.
+    * ``reserve(selection)`` returns a ``Reservation``: every selected page gets a distinct slot in its
+      row; pages already resident keep their slot (``missing`` False); the others get a free slot or evict
+      a resident page that is not selected and not pinned (``missing`` True; ``evicted`` names the page
+      dropped). Reserved slots stay pinned until ``release``. Selecting more pages than ``num_slots`` is an
+      error.
+    * ``lookup(page_ids)`` returns the slot of each page ``[B, Hkv, M]`` or PAD if not resident.
+    * ``invalidate(page_ids)`` forgets residency of pages whose contents changed (they will be copied again).
+    * ``num_free`` ``[B, Hkv]``: slots holding no page.
+    """
+
+    kind: ClassVar[str] = "allocator"
+
+    @abstractmethod
+    def setup(self, batch_size: int, num_kv_heads: int, num_slots: int, device: torch.device | str) -> None: ...
+
+    @abstractmethod
+    def reserve(self, selection: Selection) -> Reservation: ...
+
+    @abstractmethod
+    def release(self, reservation: Reservation) -> None: ...
+
+    @abstractmethod
+    def lookup(self, page_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def invalidate(self, page_ids: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def num_free(self) -> torch.Tensor: ...
+
+
+class Transfer(Part):
+    """Moves pages between pools; never decides what to move.
+
+    Contract:
+
+    * ``submit(src_pool, src_ids, dst_pool, dst_slots)`` copies page ``src_ids[b, h, j]`` of ``src_pool``
+      (K, V and valid length) into slot ``dst_slots[b, h, j]`` of ``dst_pool`` for every entry with
+      ``src_ids >= 0`` (``[B, Hkv, K]`` int64 both). The copy is bit-exact. It may be asynchronous.
+    * ``wait(handle)`` orders the current stream after the copy (on CPU: returns when it is done). Reading
+      ``dst_pool`` before ``wait`` is undefined.
+    """
+
+    kind: ClassVar[str] = "transfer"
+
+    @abstractmethod
+    def submit(
+        self, src_pool: PagePool, src_ids: torch.Tensor, dst_pool: PagePool, dst_slots: torch.Tensor
+    ) -> TransferHandle: ...
+
+    @abstractmethod
+    def wait(self, handle: TransferHandle) -> None: ...

@@ -1,0 +1,252 @@
+"""``PolicyLayer``: one decoder layer's KV cache under a policy (framework-agnostic).
+
+Memory layout of one layer (B batch, Hkv KV heads, S page size, D head dim)::
+
+    compute device (GPU):  sink   [B, Hkv, <=sink_pages*S, D]      first tokens, always attended
+                           window [B, Hkv, <=window_pages*S, D]    newest tokens, always attended
+                           slots  [B, Hkv, N, S, D]                working set: the selected pages
+    CPU (pinned if CUDA):  pool   [B, Hkv, C, S, D]                every offloaded page (the index's pages)
+
+Prefill hands the layer's K/V over once: the sink and the window stay on the device, the middle goes to the
+index (``Index.build``) and to the CPU pool. Each decode step appends the new token to the window, selects
+pages (``Selector.select``), maps them to slots (``PageAllocator.reserve``), moves the missing ones
+(``Transfer.submit``/``wait``) and attends over [sink | slots | window] in one softmax. When the window holds
+``window_pages`` full pages, its oldest page is inserted into the index (``Index.add``) and the CPU pool.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvpolicy.attention import paged_decode_attention
+from kvpolicy.ops import check_tensor
+from kvpolicy.policy import Policy
+from kvpolicy.pool import PagePool
+from kvpolicy.types import PAD, SelectContext, Selection
+
+__all__ = ["LayerStats", "PolicyLayer"]
+
+
+@dataclass
+class LayerStats:
+    """Counters of one layer (cumulative over decode steps)."""
+
+    steps: int = 0
+    pages_selected: int = 0
+    pages_moved: int = 0
+    bytes_moved: int = 0
+    pages_inserted: int = 0
+    select_s: float = 0.0
+    transfer_s: float = 0.0
+    attention_s: float = 0.0
+    insert_s: float = 0.0
+
+
+class PolicyLayer:
+    """The KV cache of one decoder layer under ``policy`` (see the module docstring for the layout)."""
+
+    def __init__(self, policy: Policy, layer_idx: int, *, validate: bool = False):
+        self.policy = policy
+        self.layer_idx = layer_idx
+        self.budget = policy.resolve_budget()
+        parts = policy.make_parts()
+        self.index, self.selector = parts.index, parts.selector
+        self.allocator, self.transfer = parts.allocator, parts.transfer
+        self.validate = validate  # check every Selection (tests, conformance); off on the hot path
+        self.stats = LayerStats()
+        self.last_selection: Selection | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.seq_len = 0
+        self.step = 0
+        self.prefilled = False
+        self.sink_k = self.sink_v = None  # [B, Hkv, Ts, D]
+        self.win_k = self.win_v = None  # [B, Hkv, window_pages*S, D] buffers, first win_len valid
+        self.win_len = 0
+        self.cpu_pool: PagePool | None = None
+        self.gpu_pool: PagePool | None = None
+
+    def reset(self) -> None:
+        if self.index is not None:
+            self.index.reset()
+        self.selector.reset()
+        self.allocator.reset()
+        self.stats = LayerStats()
+        self.last_selection = None
+        self._clear()
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take over the prompt's K/V ``[B, Hkv, T, D]`` (dense prefill attention is the caller's job)."""
+        check_tensor("keys", keys, 4, dims="[B, Hkv, T, D]")
+        check_tensor("values", values, 4, dims="[B, Hkv, T, D]")
+        if keys.shape != values.shape:
+            raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape")
+        if self.prefilled:
+            raise NotImplementedError(
+                f"layer {self.layer_idx}: a second multi-token forward (chunked prefill or a continued prompt) "
+                "is not supported by KVPolicyCache; start a new cache"
+            )
+        B, H, T, D = keys.shape
+        for part in (self.index, self.selector, self.allocator, self.transfer):
+            if part is not None and part.max_batch_size is not None and B > part.max_batch_size:
+                raise ValueError(
+                    f"batch size {B} is above what {part.kind} {part.name!r} supports ({part.max_batch_size})"
+                )
+        bt = self.budget.tokens
+        if bt is not None and bt > T:
+            raise ValueError(
+                f"budget of {bt} tokens is larger than the context of {T} tokens; use a smaller budget "
+                "or budget=None (unlimited)"
+            )
+        S, dev = self.budget.page_size, keys.device
+        n_sink = min(T, self.budget.sink_tokens)
+        rest = T - n_sink
+        n_mid = max(0, rest // S - (self.budget.window_pages - 1)) * S
+        self.device, self.dtype, self.shape = dev, keys.dtype, (B, H, D)
+        self.sink_k = keys[:, :, :n_sink].contiguous()
+        self.sink_v = values[:, :, :n_sink].contiguous()
+        W = self.budget.window_tokens
+        self.win_k = keys.new_zeros((B, H, W, D))
+        self.win_v = values.new_zeros((B, H, W, D))
+        self.win_len = rest - n_mid
+        self.win_k[:, :, : self.win_len] = keys[:, :, n_sink + n_mid :]
+        self.win_v[:, :, : self.win_len] = values[:, :, n_sink + n_mid :]
+        mid_k, mid_v = keys[:, :, n_sink : n_sink + n_mid], values[:, :, n_sink : n_sink + n_mid]
+        self.cpu_pool = PagePool(B, H, S, D, dtype=keys.dtype, device="cpu", capacity=n_mid // S)
+        layout = self.index.build(mid_k, page_size=S)
+        self.cpu_pool.write(layout, mid_k, mid_v, base=0)
+        self._setup_slots(self._num_slots_needed())
+        self.selector.prepare(mid_k, layout, self.context())
+        self.seq_len, self.prefilled = T, True
+
+    def _num_slots_needed(self) -> int:
+        if self.budget.retrieved_pages is not None:
+            return self.budget.retrieved_pages
+        return int(self.index.num_pages.max()) if self.index.num_tokens else 0
+
+    def _setup_slots(self, n: int) -> None:
+        B, H, D = self.shape
+        S = self.budget.page_size
+        self.gpu_pool = PagePool(
+            B, H, S, D, dtype=self.dtype, device=self.device, capacity=n, pin=False, track_tokens=False
+        )
+        self.allocator.setup(B, H, n, self.device)
+
+    def context(self, scaling: float = 1.0, prev_selection: Selection | None = None) -> SelectContext:
+        return SelectContext(
+            layer=self.layer_idx,
+            step=self.step,
+            budget=self.budget,
+            seq_len=self.seq_len,
+            index=self.index,
+            pool=self.cpu_pool,
+            num_pages=self.index.num_pages,
+            num_kv_heads=self.shape[1],
+            scaling=scaling,
+            prev_selection=prev_selection,
+            search_params=self.policy.search_params,
+        )
+
+    # ------------------------------------------------------------------ decode
+    def decode(
+        self,
+        query: torch.Tensor,  # [B, Hq, D] the current token's query (RoPE applied)
+        key: torch.Tensor,  # [B, Hkv, 1, D]
+        value: torch.Tensor,  # [B, Hkv, 1, D]
+        *,
+        scaling: float,
+        softcap: float | None = None,
+        prev_selection: Selection | None = None,
+    ) -> torch.Tensor:  # [B, Hq, D]
+        """One decode step: append, select, reserve, transfer, attend, maybe insert a full window page."""
+        if not self.prefilled:
+            raise RuntimeError(f"layer {self.layer_idx}: decode before prefill")
+        B, H, D = self.shape
+        if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
+            raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
+        if key.shape != (B, H, 1, D) or value.shape != (B, H, 1, D):
+            raise ValueError(f"key/value must be [B={B}, Hkv={H}, 1, D={D}], got {tuple(key.shape)}")
+        self._append(key, value)
+        self.seq_len += 1
+        st = self.stats
+        t0 = time.perf_counter()
+        ctx = self.context(scaling, prev_selection)
+        if self.index.num_tokens:
+            sel = self.selector.select(query, ctx)
+            if self.validate:
+                sel.validate(ctx.num_pages)
+                if sel.k > ctx.k:
+                    raise ValueError(f"selector {self.selector.name!r} returned {sel.k} pages > budget {ctx.k}")
+        else:
+            sel = Selection(page_ids=torch.full((B, H, 0), PAD, dtype=torch.int64))
+        t1 = time.perf_counter()
+        if sel.k > self.allocator.num_slots:
+            self._setup_slots(max(sel.k, 2 * self.allocator.num_slots))  # unlimited budget: grow the working set
+        res = self.allocator.reserve(sel)
+        handle = self.transfer.submit(
+            self.cpu_pool, torch.where(res.missing, res.page_ids, PAD), self.gpu_pool, res.slots
+        )
+        self.transfer.wait(handle)
+        t2 = time.perf_counter()
+        gp = self.gpu_pool
+        out = paged_decode_attention(
+            query, self.sink_k, self.sink_v, gp.k, gp.v, gp.lengths, res.slots.to(self.device),
+            self.win_k[:, :, : self.win_len], self.win_v[:, :, : self.win_len], scaling, softcap,
+        )
+        self.allocator.release(res)
+        t3 = time.perf_counter()
+        self.last_selection = sel
+        if self.win_len == self.win_k.shape[2]:
+            self._flush_window_page()
+        t4 = time.perf_counter()
+        self.step += 1
+        st.steps += 1
+        st.pages_selected += int((sel.page_ids >= 0).sum())
+        st.pages_moved += handle.num_pages
+        st.bytes_moved += handle.nbytes
+        st.select_s += t1 - t0
+        st.transfer_s += t2 - t1
+        st.attention_s += t3 - t2
+        st.insert_s += t4 - t3
+        return out
+
+    def _append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self.sink_k.shape[2] < self.budget.sink_tokens:  # short prompt: the sink fills first
+            self.sink_k = torch.cat([self.sink_k, key], dim=2)
+            self.sink_v = torch.cat([self.sink_v, value], dim=2)
+            return
+        self.win_k[:, :, self.win_len] = key[:, :, 0]
+        self.win_v[:, :, self.win_len] = value[:, :, 0]
+        self.win_len += 1
+
+    def _flush_window_page(self) -> None:
+        """Move the oldest full window page into the index and the CPU pool."""
+        if not self.index.supports_add:
+            raise NotImplementedError(
+                f"index {self.index.name!r} does not support add(), so decoding past the window cannot "
+                "offload new pages; choose an index with supports_add"
+            )
+        S = self.budget.page_size
+        pk, pv = self.win_k[:, :, :S].clone(), self.win_v[:, :, :S].clone()  # [B, Hkv, S, D]
+        base = self.index.num_tokens
+        layout = self.index.add(pk)
+        self.cpu_pool.write(layout, pk, pv, base=base)
+        self.allocator.invalidate(layout.page_ids)
+        self.selector.update(pk, layout, self.context())
+        self.win_k[:, :, :-S] = self.win_k[:, :, S:].clone()
+        self.win_v[:, :, :-S] = self.win_v[:, :, S:].clone()
+        self.win_len -= S
+        self.stats.pages_inserted += 1
+
+    # ------------------------------------------------------------------ accounting
+    def memory(self) -> dict[str, int]:
+        """Bytes: KV on the compute device (sink, window, slots), KV in CPU pages, index metadata."""
+        if not self.prefilled:
+            return {"device_kv": 0, "cpu_kv": 0, "index": 0}
+        dev = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v)) + self.gpu_pool.kv_nbytes
+        return {"device_kv": dev, "cpu_kv": self.cpu_pool.kv_nbytes, "index": self.index.nbytes}

@@ -1,0 +1,71 @@
+"""Small tensor helpers shared by indexes and selectors (page top-k, GQA merge, input checks)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvpolicy.types import PAD
+
+__all__ = ["check_tensor", "gqa_merge", "page_max_scores", "topk_ids"]
+
+
+def check_tensor(name: str, t: object, ndim: int, *, floating: bool = True, dims: str = "") -> torch.Tensor:
+    """Raise a clear TypeError/ValueError unless ``t`` is a tensor of ``ndim`` dims (and floating)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {dims}, got shape {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    return t
+
+
+def topk_ids(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` indices along the last dim, best first; entries scored ``-inf`` come back as PAD.
+
+    scores: [..., P] float; returns (ids [..., k'] int64, values [..., k']) with k' = min(k, P).
+    """
+    k = min(k, scores.shape[-1])
+    vals, ids = scores.topk(k, dim=-1, sorted=True)
+    ids = torch.where(torch.isneginf(vals), torch.full_like(ids, PAD), ids)
+    return ids, vals
+
+
+def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """Merge the page rankings of a GQA group's query heads into one list per KV head.
+
+    Ranks are interleaved (rank 0 of every head of the group, then rank 1, ...) and the first ``k`` distinct
+    pages are kept, as in IceCache's reference decode loop (source: yuzhenmao/IceCache, ``gqa`` merge in
+    ``infer_state.py``). ranked: [B, Hkv, G, R] int64 PAD-padded, best first -> [B, Hkv, min(k, G*R)].
+    """
+    B, H, G, R = ranked.shape
+    L = G * R
+    k = min(k, L)
+    flat = ranked.transpose(-1, -2).reshape(B, H, L)  # [B, H, L] rank-major
+    if L == 0:
+        return flat
+    pos = torch.arange(L, device=flat.device).expand(B, H, L)
+    valid = flat >= 0
+    big = (flat.max() + 1).clamp(min=1) if valid.any() else torch.tensor(1, device=flat.device)
+    key = torch.where(valid, flat, big) * L + pos  # sort by (id, position)
+    skey, order = key.sort(dim=-1)
+    sid = torch.where(valid.gather(-1, order), flat.gather(-1, order), PAD)
+    first = torch.ones_like(sid, dtype=torch.bool)
+    first[..., 1:] = sid[..., 1:] != sid[..., :-1]
+    first &= sid >= 0
+    keep = torch.zeros_like(first).scatter(-1, order, first)  # [B, H, L] first occurrence, valid
+    # stable compaction: kept entries first, in position order
+    ckey = torch.where(keep, pos, pos + L)
+    corder = ckey.argsort(dim=-1)[..., :k]
+    out = flat.gather(-1, corder)
+    return torch.where(keep.gather(-1, corder), out, PAD)
+
+
+def page_max_scores(scores: torch.Tensor, token_page: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """Max over each page's tokens. scores: [B, Hq, T]; token_page: [B, Hq, T] int64 (PAD = skip)
+    -> [B, Hq, num_pages] with -inf for empty pages."""
+    B, Hq, _ = scores.shape
+    out = torch.full((B, Hq, num_pages), float("-inf"), dtype=scores.dtype, device=scores.device)
+    valid = token_page >= 0
+    src = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
+    return out.scatter_reduce(-1, token_page.clamp(min=0), src, reduce="amax", include_self=True)

@@ -1,0 +1,240 @@
+"""``Policy``: the four parts plus page size, token budget, sink/window pages and dense layers.
+
+A policy is a frozen description; ``make_parts()`` builds fresh part instances for one layer. It is built
+from keyword arguments, from a dict/YAML file, or from a named preset registered by a plugin::
+
+    Policy.from_config({"preset": "oracle", "budget": 256})
+    Policy.from_config({"index": {"name": "exact"}, "selector": "index_topk", "budget": 128})
+    Policy.preset("streaming", budget=64)
+
+Everything is validated when the policy is made, before any model state exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvpolicy.errors import UnknownNameError, suggest
+from kvpolicy.interfaces import Index, PageAllocator, Part, Selector, Transfer
+from kvpolicy.registry import Registry, get_registry
+from kvpolicy.types import Budget, SearchParams
+
+__all__ = ["PartSpec", "Parts", "Policy"]
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """A registered part name and its keyword hyperparameters."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, value: Any, what: str) -> PartSpec:
+        if isinstance(value, PartSpec):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping):
+            if "name" not in value:
+                raise ValueError(f"{what} config needs a 'name' key, got {dict(value)!r}")
+            params = {k: v for k, v in value.items() if k != "name"}
+            return cls(str(value["name"]), params)
+        raise TypeError(f"{what} must be a name, a dict with 'name', or a PartSpec; got {type(value).__name__}")
+
+    def to_config(self) -> dict[str, Any]:
+        return {"name": self.name, **dict(self.params)}
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Fresh part instances for one layer."""
+
+    index: Index
+    selector: Selector
+    allocator: PageAllocator
+    transfer: Transfer
+
+
+_FIELDS = (
+    "selector", "index", "allocator", "transfer", "page_size", "budget", "sink_pages", "window_pages",
+    "dense_layers", "search_params", "name",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """A KV selection policy. ``budget`` is in tokens (sink + window + retrieved pages, times ``page_size``);
+    ``None`` means unlimited (every page is attended)."""
+
+    selector: PartSpec
+    index: PartSpec = PartSpec("exact")  # pages the offloaded tokens; positional for non-index selectors
+    allocator: PartSpec = PartSpec("lru")
+    transfer: PartSpec = PartSpec("sync")
+    page_size: int = 16
+    budget: int | None = None
+    sink_pages: int = 2
+    window_pages: int = 2
+    dense_layers: tuple[int, ...] = ()
+    search_params: SearchParams | None = None
+    name: str | None = None
+    registry: Registry | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "selector", PartSpec.coerce(self.selector, "selector"))
+        set_(self, "index", PartSpec.coerce(self.index if self.index is not None else "exact", "index"))
+        set_(self, "allocator", PartSpec.coerce(self.allocator, "allocator"))
+        set_(self, "transfer", PartSpec.coerce(self.transfer, "transfer"))
+        set_(self, "dense_layers", tuple(sorted({int(x) for x in self.dense_layers})))
+        if isinstance(self.search_params, Mapping):
+            set_(self, "search_params", SearchParams(**self.search_params))
+        for f in ("page_size", "sink_pages", "window_pages"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{f} must be an int, got {type(v).__name__}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.sink_pages < 0:
+            raise ValueError(f"sink_pages must be >= 0, got {self.sink_pages}")
+        if self.window_pages < 1:
+            raise ValueError(f"window_pages must be >= 1 (the current token's page), got {self.window_pages}")
+        if any(x < 0 for x in self.dense_layers):
+            raise ValueError(f"dense_layers must be layer indices >= 0, got {self.dense_layers}")
+        if self.budget is not None:
+            if not isinstance(self.budget, int) or isinstance(self.budget, bool):
+                raise TypeError(f"budget must be an int number of tokens or None, got {type(self.budget).__name__}")
+            fixed = (self.sink_pages + self.window_pages) * self.page_size
+            if self.budget % self.page_size:
+                raise ValueError(
+                    f"page size {self.page_size} does not divide the budget of {self.budget} tokens; "
+                    f"use a multiple of {self.page_size}"
+                )
+            if self.budget < fixed:
+                raise ValueError(
+                    f"budget of {self.budget} tokens is smaller than sink + window = ({self.sink_pages} + "
+                    f"{self.window_pages}) pages x {self.page_size} = {fixed} tokens"
+                )
+        self.make_parts()  # validates every part's hyperparameters now, not at the first prefill
+
+    # ------------------------------------------------------------ building
+    @property
+    def _registry(self) -> Registry:
+        return self.registry or get_registry()
+
+    def _cls(self, kind: str, spec: PartSpec) -> type[Part]:
+        return self._registry.get(kind, spec.name)
+
+    def _make(self, kind: str, spec: PartSpec) -> Part:
+        cls = self._cls(kind, spec)
+        try:
+            return cls(**dict(spec.params))
+        except TypeError as e:
+            fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+            raise ValueError(
+                f"bad hyperparameters for {kind} {spec.name!r}: {e}. Known: {', '.join(fields) or 'none'}"
+            ) from e
+
+    def make_parts(self) -> Parts:
+        """New part instances (call once per layer)."""
+        return Parts(
+            index=self._make("index", self.index),
+            selector=self._make("selector", self.selector),
+            allocator=self._make("allocator", self.allocator),
+            transfer=self._make("transfer", self.transfer),
+        )
+
+    @property
+    def selector_cls(self) -> type[Selector]:
+        return self._cls("selector", self.selector)
+
+    def resolve_budget(self) -> Budget:
+        """The budget in pages (unlimited for ``budget=None`` or a selector that reads every page)."""
+        if self.budget is None or not self.selector_cls.uses_budget:
+            retrieved = None
+        else:
+            retrieved = self.budget // self.page_size - self.sink_pages - self.window_pages
+        return Budget(self.page_size, self.sink_pages, self.window_pages, retrieved)
+
+    def with_budget(self, budget: int | None) -> Policy:
+        return dataclasses.replace(self, budget=budget)
+
+    def label(self) -> str:
+        return self.name or self.selector.name
+
+    # ------------------------------------------------------------ config round trip
+    def to_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "selector": self.selector.to_config(),
+            "index": self.index.to_config(),
+            "allocator": self.allocator.to_config(),
+            "transfer": self.transfer.to_config(),
+            "page_size": self.page_size,
+            "budget": self.budget,
+            "sink_pages": self.sink_pages,
+            "window_pages": self.window_pages,
+            "dense_layers": list(self.dense_layers),
+        }
+        if self.search_params is not None:
+            cfg["search_params"] = dataclasses.asdict(self.search_params)
+        if self.name:
+            cfg["name"] = self.name
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | Path, *, registry: Registry | None = None,
+                    **overrides: Any) -> Policy:
+        """From a dict or a YAML file. A ``preset`` key starts from that preset; other keys override it."""
+        if isinstance(config, (str, Path)):
+            import yaml
+
+            path = Path(config)
+            if not path.is_file():
+                raise FileNotFoundError(f"policy config file {str(path)!r} does not exist")
+            config = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(config, Mapping):
+                raise ValueError(f"policy config file {str(path)!r} must hold a mapping")
+        cfg = {**dict(config), **{k: v for k, v in overrides.items() if v is not None}}
+        if "budget" in overrides and overrides["budget"] is None:
+            cfg["budget"] = None
+        reg = registry or get_registry()
+        preset = cfg.pop("preset", None)
+        if preset is not None:
+            base = dict(reg.get("preset", preset))
+            base.setdefault("name", preset)
+            cfg = {**base, **cfg}
+        unknown = set(cfg) - set(_FIELDS)
+        if unknown:
+            bad = sorted(unknown)[0]
+            raise ValueError(f"unknown policy key {bad!r}.{suggest(bad, _FIELDS)} Known keys: {', '.join(_FIELDS)}")
+        if "selector" not in cfg:
+            raise ValueError("a policy config needs a 'selector' (or a 'preset')")
+        return cls(**cfg, registry=registry)
+
+    @classmethod
+    def preset(cls, name: str, *, registry: Registry | None = None, **overrides: Any) -> Policy:
+        """A registered preset, with keyword overrides (e.g. ``budget=256``)."""
+        return cls.from_config({"preset": name}, registry=registry, **overrides)
+
+    @classmethod
+    def resolve(cls, policy: Policy | str | Mapping[str, Any] | Path, **overrides: Any) -> Policy:
+        """Coerce a Policy, a preset name, a YAML path or a config dict; apply overrides such as ``budget``."""
+        if isinstance(policy, Policy):
+            return dataclasses.replace(policy, **overrides) if overrides else policy
+        if isinstance(policy, Path) or (isinstance(policy, str) and policy.endswith((".yaml", ".yml"))):
+            return cls.from_config(policy, **overrides)
+        if isinstance(policy, str):
+            reg = get_registry()
+            if ("preset", policy) not in reg:
+                known = reg.names("preset")
+                raise UnknownNameError(
+                    f"unknown policy preset {policy!r}.{suggest(policy, known)} Presets: {', '.join(known)}"
+                )
+            return cls.preset(policy, **overrides)
+        if isinstance(policy, Mapping):
+            return cls.from_config(policy, **overrides)
+        raise TypeError(f"policy must be a Policy, preset name, YAML path or dict; got {type(policy).__name__}")

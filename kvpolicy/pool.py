@@ -1,0 +1,169 @@
+"""Page pools: fixed-shape K/V page storage of one layer.
+
+A ``PagePool`` holds pages per (batch row, KV head): ``k``/``v`` ``[B, Hkv, C, S, D]``, valid lengths
+``[B, Hkv, C]`` and, for a CPU pool that backs an index, the index-local token id in every page slot plus the
+inverse map (token -> page, offset), so pages whose contents change can be rewritten from the pool itself.
+
+The CPU pool uses pinned (page-locked) memory whenever CUDA is available, so host-to-device copies can be
+asynchronous. The GPU slot pool is the same class with ``track_tokens=False`` and ``capacity = N`` slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpolicy.types import PAD, PageLayout
+
+__all__ = ["PagePool", "pin_by_default"]
+
+
+def pin_by_default(device: torch.device | str) -> bool:
+    """Pin CPU pools when a CUDA device exists (pinned memory needs a CUDA driver)."""
+    return torch.device(device).type == "cpu" and torch.cuda.is_available()
+
+
+def _empty(shape, dtype, device, pin: bool, fill=None) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+    if fill is not None:
+        t.fill_(fill)
+    return t
+
+
+class PagePool:
+    """K/V pages of one layer for every (batch row, KV head); grows by doubling when ``track_tokens``."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        page_size: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        capacity: int = 0,
+        pin: bool | None = None,
+        track_tokens: bool = True,
+    ):
+        self.batch_size, self.num_kv_heads = batch_size, num_kv_heads
+        self.page_size, self.head_dim = page_size, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.pinned = pin_by_default(self.device) if pin is None else bool(pin)
+        self.track_tokens = track_tokens
+        B, H, S, D = batch_size, num_kv_heads, page_size, head_dim
+        C = capacity
+        self.k = _empty((B, H, C, S, D), dtype, self.device, self.pinned, 0)  # [B, Hkv, C, S, D]
+        self.v = _empty((B, H, C, S, D), dtype, self.device, self.pinned, 0)  # [B, Hkv, C, S, D]
+        self.lengths = torch.zeros((B, H, C), dtype=torch.int32, device=self.device)  # [B, Hkv, C]
+        if track_tokens:
+            self.token_ids = torch.full((B, H, C, S), PAD, dtype=torch.int64, device=self.device)
+            self.token_page = torch.full((B, H, 0), PAD, dtype=torch.int64, device=self.device)  # [B, Hkv, T]
+            self.token_offset = torch.full((B, H, 0), PAD, dtype=torch.int64, device=self.device)  # [B, Hkv, T]
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.k.nbytes + self.v.nbytes + self.lengths.nbytes
+        if self.track_tokens:
+            n += self.token_ids.nbytes + self.token_page.nbytes + self.token_offset.nbytes
+        return n
+
+    @property
+    def kv_nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def page_nbytes(self) -> int:
+        """Bytes of one page of one head, K and V together."""
+        return 2 * self.page_size * self.head_dim * self.k.element_size()
+
+    def ensure_capacity(self, pages: int) -> None:
+        """Grow to hold at least ``pages`` pages per (b, head), doubling; contents are kept."""
+        C = self.capacity
+        if pages <= C:
+            return
+        new_c = max(pages, 2 * C, 4)
+        B, H, S, D = self.batch_size, self.num_kv_heads, self.page_size, self.head_dim
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = _empty((B, H, new_c, S, D), self.dtype, self.device, self.pinned, 0)
+            new[:, :, :C] = old
+            setattr(self, name, new)
+        lengths = torch.zeros((B, H, new_c), dtype=torch.int32, device=self.device)
+        lengths[:, :, :C] = self.lengths
+        self.lengths = lengths
+        if self.track_tokens:
+            tids = torch.full((B, H, new_c, S), PAD, dtype=torch.int64, device=self.device)
+            tids[:, :, :C] = self.token_ids
+            self.token_ids = tids
+
+    def _ensure_tokens(self, tokens: int) -> None:
+        T = self.token_page.shape[-1]
+        if tokens <= T:
+            return
+        new_t = max(tokens, 2 * T, 64)
+        B, H = self.batch_size, self.num_kv_heads
+        for name in ("token_page", "token_offset"):
+            old = getattr(self, name)
+            new = torch.full((B, H, new_t), PAD, dtype=torch.int64, device=self.device)
+            new[:, :, :T] = old
+            setattr(self, name, new)
+
+    # ------------------------------------------------------------------ writes
+    def write(self, layout: PageLayout, keys: torch.Tensor, values: torch.Tensor, base: int) -> None:
+        """Write the pages of ``layout``.
+
+        ``keys``/``values`` ``[B, Hkv, n, D]`` hold the tokens with index-local ids ``base .. base+n-1``;
+        tokens of the layout with smaller ids are already in this pool and are moved from where they are.
+        """
+        if not self.track_tokens:
+            raise RuntimeError("PagePool.write needs track_tokens=True (a slot pool is written by a Transfer)")
+        keys = keys.to(self.device, self.dtype)
+        values = values.to(self.device, self.dtype)
+        n = keys.shape[2]
+        pids, tids = layout.page_ids.to(self.device), layout.token_ids.to(self.device)  # [B,H,M], [B,H,M,S]
+        if pids.numel() == 0:
+            return
+        self.ensure_capacity(int(pids.max()) + 1)
+        self._ensure_tokens(base + n)
+        B, H, M, S = tids.shape
+        bi = torch.arange(B, device=self.device).view(B, 1, 1, 1).expand(B, H, M, S)
+        hi = torch.arange(H, device=self.device).view(1, H, 1, 1).expand(B, H, M, S)
+        valid = (tids >= 0) & (pids >= 0).unsqueeze(-1)  # [B, H, M, S]
+        is_new = valid & (tids >= base)
+        is_old = valid & (tids < base)
+        # gather sources before anything is overwritten: old tokens may move between pages
+        src_k = torch.zeros((B, H, M, S, self.head_dim), dtype=self.dtype, device=self.device)
+        src_v = torch.zeros_like(src_k)
+        if bool(is_new.any()):
+            t = tids[is_new] - base
+            src_k[is_new] = keys[bi[is_new], hi[is_new], t]
+            src_v[is_new] = values[bi[is_new], hi[is_new], t]
+        if bool(is_old.any()):
+            t = tids[is_old]
+            pg = self.token_page[bi[is_old], hi[is_old], t]
+            off = self.token_offset[bi[is_old], hi[is_old], t]
+            if bool((pg < 0).any()):
+                raise ValueError("layout moves a token that this pool never stored")
+            src_k[is_old] = self.k[bi[is_old], hi[is_old], pg, off]
+            src_v[is_old] = self.v[bi[is_old], hi[is_old], pg, off]
+        rows = pids >= 0  # [B, H, M]
+        rb, rh, rp = bi[..., 0][rows], hi[..., 0][rows], pids[rows]
+        self.k[rb, rh, rp] = src_k[rows]
+        self.v[rb, rh, rp] = src_v[rows]
+        self.lengths[rb, rh, rp] = layout.lengths.to(self.device)[rows].to(torch.int32)
+        self.token_ids[rb, rh, rp] = torch.where(valid, tids, PAD)[rows]
+        offs = torch.arange(S, device=self.device).expand(B, H, M, S)
+        t = tids[valid]
+        self.token_page[bi[valid], hi[valid], t] = pids.unsqueeze(-1).expand(B, H, M, S)[valid]
+        self.token_offset[bi[valid], hi[valid], t] = offs[valid]
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        if self.track_tokens:
+            self.token_ids.fill_(PAD)
+            self.token_page.fill_(PAD)
+            self.token_offset.fill_(PAD)

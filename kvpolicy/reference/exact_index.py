@@ -1,0 +1,124 @@
+"""``exact``: positional pages scored by exact maximum inner product."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvpolicy.interfaces import Index
+from kvpolicy.ops import check_tensor, gqa_merge, page_max_scores, topk_ids
+from kvpolicy.types import PAD, PageLayout, SearchParams, Selection
+
+__all__ = ["ExactIndex"]
+
+
+@dataclass(kw_only=True)
+class ExactIndex(Index):
+    """Pages are consecutive runs of ``S`` tokens in arrival order (page p = tokens pS .. pS+S-1).
+
+    A page's score for a query head is the largest ``q . k`` over its tokens, computed exactly over every
+    key (the index keeps a copy of the keys on ``device``); the heads of a GQA group are merged by
+    interleaving their rankings (``kvpolicy.ops.gqa_merge``). This is the ground truth that approximate
+    indexes are measured against (recall@k).
+    """
+
+    name: ClassVar[str] = "exact"
+    supports_add: ClassVar[bool] = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        torch.device(self.device)  # raises on an unknown device string
+        self.reset()
+
+    def reset(self) -> None:
+        self._keys: torch.Tensor | None = None  # [B, Hkv, Tcap, D]
+        self._n = 0
+        self._page_size = 0
+
+    # ---------------------------------------------------------------- state
+    @property
+    def num_tokens(self) -> int:
+        return self._n
+
+    @property
+    def num_pages(self) -> torch.Tensor:
+        if self._keys is None:
+            return torch.zeros((0, 0), dtype=torch.int64)
+        B, H = self._keys.shape[:2]
+        return torch.full((B, H), -(-self._n // self._page_size), dtype=torch.int64)
+
+    @property
+    def nbytes(self) -> int:
+        if self._keys is None:
+            return 0
+        B, H, _, D = self._keys.shape
+        return B * H * self._n * D * self._keys.element_size()
+
+    # ---------------------------------------------------------------- build / add
+    def _layout(self, first_page: int) -> PageLayout:
+        B, H = self._keys.shape[:2]
+        S, n = self._page_size, self._n
+        P = -(-n // S)
+        pages = torch.arange(first_page, P, dtype=torch.int64)  # [M]
+        tids = pages.unsqueeze(-1) * S + torch.arange(S)  # [M, S]
+        tids = torch.where(tids < n, tids, PAD)
+        M = pages.numel()
+        return PageLayout(
+            page_ids=pages.expand(B, H, M).clone(),
+            token_ids=tids.expand(B, H, M, S).clone(),
+            lengths=(tids >= 0).sum(-1).to(torch.int32).expand(B, H, M).clone(),
+            num_pages=torch.full((B, H), P, dtype=torch.int64),
+            num_tokens=n,
+        )
+
+    def build(self, keys: torch.Tensor, *, page_size: int) -> PageLayout:
+        check_tensor("keys", keys, 4, dims="[B, Hkv, T, D]")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self._keys = keys.detach().to(self.device).clone()
+        self._n, self._page_size = keys.shape[2], page_size
+        return self._layout(0)
+
+    def add(self, keys: torch.Tensor) -> PageLayout:
+        check_tensor("keys", keys, 4, dims="[B, Hkv, n, D]")
+        if self._keys is None:
+            raise RuntimeError("ExactIndex.add() before build()")
+        if keys.shape[:2] != self._keys.shape[:2] or keys.shape[-1] != self._keys.shape[-1]:
+            raise ValueError(f"keys shape {tuple(keys.shape)} does not match the index {tuple(self._keys.shape)}")
+        first_page = self._n // self._page_size  # the last, partial page changes too
+        n_new = self._n + keys.shape[2]
+        if n_new > self._keys.shape[2]:
+            grown = self._keys.new_empty((*self._keys.shape[:2], max(n_new, 2 * self._keys.shape[2]), keys.shape[-1]))
+            grown[:, :, : self._n] = self._keys[:, :, : self._n]
+            self._keys = grown
+        self._keys[:, :, self._n : n_new] = keys.to(self._keys.device, self._keys.dtype)
+        self._n = n_new
+        return self._layout(first_page)
+
+    # ---------------------------------------------------------------- search
+    def page_scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """Exact page scores: queries [B, Hq, D] -> [B, Hq, P] (max q.k over each page's tokens)."""
+        check_tensor("queries", queries, 3, dims="[B, Hq, D]")
+        if self._keys is None:
+            raise RuntimeError("ExactIndex.search() before build()")
+        B, H, _, D = self._keys.shape
+        if queries.shape[0] != B or queries.shape[-1] != D or queries.shape[1] % H:
+            raise ValueError(
+                f"queries shape {tuple(queries.shape)} is not [B={B}, Hq (multiple of Hkv={H}), D={D}]"
+            )
+        G = queries.shape[1] // H
+        keys = self._keys[:, :, : self._n].float()  # [B, H, T, D]
+        q = queries.to(keys.device).float().view(B, H, G, D)
+        scores = torch.einsum("bhgd,bhtd->bhgt", q, keys).reshape(B, H * G, self._n)  # [B, Hq, T]
+        tp = torch.arange(self._n, device=keys.device) // self._page_size
+        P = -(-self._n // self._page_size)
+        return page_max_scores(scores, tp.expand(B, H * G, self._n), P)
+
+    def search(self, queries: torch.Tensor, k: int, *, params: SearchParams | None = None) -> Selection:
+        pscores = self.page_scores(queries)  # [B, Hq, P]
+        B, Hq, _ = pscores.shape
+        H = self._keys.shape[1]
+        ids, _ = topk_ids(pscores, k)  # [B, Hq, k]
+        return Selection(page_ids=gqa_merge(ids.view(B, H, Hq // H, -1), k))

@@ -1,0 +1,90 @@
+"""End-to-end generation through KVPolicyCache on tiny random models (token-for-token vs dense)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpolicy
+from kvpolicy.errors import UnsupportedModelError
+from kvpolicy.hf import KVPolicyCache, PolicyCacheLayer
+from tests.conftest import tiny_model
+
+POLICIES = ["full", "oracle", "streaming", "exact-topk"]
+
+
+def _dense(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, do_sample=False)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_unlimited_budget_reproduces_dense(arch, policy):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
+    ref = _dense(model, ids, 40)  # 40 new tokens: several window pages are inserted into the index
+    res = kvpolicy.generate(model, ids, policy=policy, budget=None, max_new_tokens=40, validate=True)
+    assert torch.equal(res.token_ids, ref)
+    assert res.stats["pages_inserted"] > 0
+    assert model.config._attn_implementation != "kvpolicy"  # restored
+
+
+def test_gemma3_sliding_layers_are_not_offloaded():
+    model = tiny_model("gemma3")
+    cache = KVPolicyCache(model, "oracle", budget=None)
+    types = model.config.layer_types
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, PolicyCacheLayer) == (types[i] == "full_attention"), i
+
+
+def test_budget_limits_attended_pages(tiny_llama):
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(2))
+    res = kvpolicy.generate(tiny_llama, ids, policy="exact-topk", budget=96, max_new_tokens=5, validate=True)
+    # 96 tokens = 6 pages: 2 sink + 2 window + 2 retrieved, per KV head and layer (3 layers x 2 heads)
+    assert res.stats["pages_selected"] == 4 * 2 * 2 * 3
+    assert "2 retrieved" in res.budget
+
+
+def test_dense_layers_stay_dense(tiny_llama):
+    cache = KVPolicyCache(tiny_llama, {"preset": "oracle", "dense_layers": [0]}, budget=None)
+    assert not isinstance(cache.layers[0], PolicyCacheLayer)
+    assert isinstance(cache.layers[1], PolicyCacheLayer)
+
+
+def test_from_dense_prefill_reproduces_dense(tiny_llama):
+    """A prefill computed once (DynamicCache) and handed to a policy cache decodes like the dense model."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(3))
+    ref = _dense(tiny_llama, ids, 30)
+    dense = DynamicCache(config=tiny_llama.config)
+    with torch.inference_mode():
+        tiny_llama(ids[:, :-1], past_key_values=dense, use_cache=True)
+        before = dense.layers[1].keys.clone()
+        cache = KVPolicyCache.from_dense(tiny_llama, "exact-topk", dense, budget=None)
+        out = tiny_llama.generate(ids, past_key_values=cache, max_new_tokens=30, do_sample=False)
+    tiny_llama.set_attn_implementation("sdpa")
+    assert torch.equal(out[:, 200:], ref)
+    assert torch.equal(dense.layers[1].keys, before)  # the shared prefill is not modified
+
+
+def test_budget_larger_than_context_is_rejected(tiny_llama):
+    ids = torch.randint(0, 128, (1, 100))
+    with pytest.raises(ValueError, match="larger than the context"):
+        kvpolicy.generate(tiny_llama, ids, policy="oracle", budget=256, max_new_tokens=2)
+    assert tiny_llama.config._attn_implementation != "kvpolicy"
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        kvpolicy.generate(model, torch.zeros(1, 8, dtype=torch.long), policy="full")
+
+
+def test_padded_batches_are_rejected(tiny_llama):
+    inputs = {"input_ids": torch.ones(2, 40, dtype=torch.long), "attention_mask": torch.ones(2, 40, dtype=torch.long)}
+    inputs["attention_mask"][1, :5] = 0
+    with pytest.raises(ValueError, match="padded"):
+        kvpolicy.generate(tiny_llama, inputs, policy="full")
