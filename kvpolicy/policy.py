@@ -77,8 +77,8 @@ class Policy:
     transfer: PartSpec = PartSpec("sync")
     page_size: int = 16
     budget: int | None = None
-    sink_pages: int = 2
-    window_pages: int = 2
+    sink_pages: int | None = None  # None: 2, or 1 when the budget has fewer than 8 pages
+    window_pages: int | None = None  # None: 2, or 1 when the budget has fewer than 8 pages
     dense_layers: tuple[int, ...] = ()
     search_params: SearchParams | None = None
     name: str | None = None
@@ -95,20 +95,21 @@ class Policy:
             set_(self, "search_params", SearchParams(**self.search_params))
         for f in ("page_size", "sink_pages", "window_pages"):
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if (v is not None or f == "page_size") and (not isinstance(v, int) or isinstance(v, bool)):
                 raise TypeError(f"{f} must be an int, got {type(v).__name__}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.sink_pages < 0:
+        if self.sink_pages is not None and self.sink_pages < 0:
             raise ValueError(f"sink_pages must be >= 0, got {self.sink_pages}")
-        if self.window_pages < 1:
+        if self.window_pages is not None and self.window_pages < 1:
             raise ValueError(f"window_pages must be >= 1 (the current token's page), got {self.window_pages}")
         if any(x < 0 for x in self.dense_layers):
             raise ValueError(f"dense_layers must be layer indices >= 0, got {self.dense_layers}")
         if self.budget is not None:
             if not isinstance(self.budget, int) or isinstance(self.budget, bool):
                 raise TypeError(f"budget must be an int number of tokens or None, got {type(self.budget).__name__}")
-            fixed = (self.sink_pages + self.window_pages) * self.page_size
+            sink, window = self.split()
+            fixed = (sink + window) * self.page_size
             if self.budget % self.page_size:
                 raise ValueError(
                     f"page size {self.page_size} does not divide the budget of {self.budget} tokens; "
@@ -116,8 +117,8 @@ class Policy:
                 )
             if self.budget < fixed:
                 raise ValueError(
-                    f"budget of {self.budget} tokens is smaller than sink + window = ({self.sink_pages} + "
-                    f"{self.window_pages}) pages x {self.page_size} = {fixed} tokens"
+                    f"budget of {self.budget} tokens is smaller than sink + window = ({sink} + "
+                    f"{window}) pages x {self.page_size} = {fixed} tokens"
                 )
         self.make_parts()  # validates every part's hyperparameters now, not at the first prefill
 
@@ -152,13 +153,23 @@ class Policy:
     def selector_cls(self) -> type[Selector]:
         return self._cls("selector", self.selector)
 
+    def split(self) -> tuple[int, int]:
+        """(sink pages, window pages). Defaults follow the IceCache paper (2 + 2 at 256 tokens); a budget of
+        fewer than 8 pages (e.g. 64 tokens = 4 pages) would leave too little to retrieve, so it defaults to
+        1 + 1 (64 tokens = 1 sink + 1 window + 2 retrieved pages). Explicit values always win."""
+        small = self.budget is not None and self.budget // self.page_size < 8
+        sink = self.sink_pages if self.sink_pages is not None else (1 if small else 2)
+        window = self.window_pages if self.window_pages is not None else (1 if small else 2)
+        return sink, window
+
     def resolve_budget(self) -> Budget:
         """The budget in pages (unlimited for ``budget=None`` or a selector that reads every page)."""
+        sink, window = self.split()
         if self.budget is None or not self.selector_cls.uses_budget:
             retrieved = None
         else:
-            retrieved = self.budget // self.page_size - self.sink_pages - self.window_pages
-        return Budget(self.page_size, self.sink_pages, self.window_pages, retrieved)
+            retrieved = self.budget // self.page_size - sink - window
+        return Budget(self.page_size, sink, window, retrieved)
 
     def with_budget(self, budget: int | None) -> Policy:
         return dataclasses.replace(self, budget=budget)

@@ -39,10 +39,10 @@ def test_gemma3_sliding_layers_are_not_offloaded():
 
 def test_budget_limits_attended_pages(tiny_llama):
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(2))
-    res = kvpolicy.generate(tiny_llama, ids, policy="exact-topk", budget=96, max_new_tokens=5, validate=True)
-    # 96 tokens = 6 pages: 2 sink + 2 window + 2 retrieved, per KV head and layer (3 layers x 2 heads)
-    assert res.stats["pages_selected"] == 4 * 2 * 2 * 3
-    assert "2 retrieved" in res.budget
+    res = kvpolicy.generate(tiny_llama, ids, policy="exact-topk", budget=160, max_new_tokens=5, validate=True)
+    # 160 tokens = 10 pages: 2 sink + 2 window + 6 retrieved, per KV head and layer (3 layers x 2 heads)
+    assert res.stats["pages_selected"] == 4 * 6 * 2 * 3
+    assert "6 retrieved" in res.budget
 
 
 def test_dense_layers_stay_dense(tiny_llama):
