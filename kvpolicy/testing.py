@@ -128,7 +128,7 @@ class IndexConformance:
         truth_ids = []
         for h in range(2):
             tok_page = torch.full((1024,), -1, dtype=torch.int64)
-            for (b, hh, p), ts in pages.items():
+            for (_b, hh, p), ts in pages.items():
                 if hh == h:
                     tok_page[ts] = p
             s = torch.einsum("gd,td->gt", q[0, h * 4 : (h + 1) * 4], keys[0, h])
