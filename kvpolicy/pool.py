@@ -130,36 +130,39 @@ class PagePool:
         self.ensure_capacity(int(pids.max()) + 1)
         self._ensure_tokens(base + n)
         B, H, M, S = tids.shape
-        bi = torch.arange(B, device=self.device).view(B, 1, 1, 1).expand(B, H, M, S)
-        hi = torch.arange(H, device=self.device).view(1, H, 1, 1).expand(B, H, M, S)
+        C, D, dev = self.capacity, self.head_dim, self.device
+        row = (torch.arange(B, device=dev).view(B, 1, 1, 1) * H + torch.arange(H, device=dev).view(1, H, 1, 1))
+        row = row.expand(B, H, M, S)  # (b, h) row of every page slot
         valid = (tids >= 0) & (pids >= 0).unsqueeze(-1)  # [B, H, M, S]
         is_new = valid & (tids >= base)
-        is_old = valid & (tids < base)
-        # gather sources before anything is overwritten: old tokens may move between pages
-        src_k = torch.zeros((B, H, M, S, self.head_dim), dtype=self.dtype, device=self.device)
-        src_v = torch.zeros_like(src_k)
-        if bool(is_new.any()):
-            t = tids[is_new] - base
-            src_k[is_new] = keys[bi[is_new], hi[is_new], t]
-            src_v[is_new] = values[bi[is_new], hi[is_new], t]
-        if bool(is_old.any()):
-            t = tids[is_old]
-            pg = self.token_page[bi[is_old], hi[is_old], t]
-            off = self.token_offset[bi[is_old], hi[is_old], t]
-            if bool((pg < 0).any()):
-                raise ValueError("layout moves a token that this pool never stored")
-            src_k[is_old] = self.k[bi[is_old], hi[is_old], pg, off]
-            src_v[is_old] = self.v[bi[is_old], hi[is_old], pg, off]
-        rows = pids >= 0  # [B, H, M]
-        rb, rh, rp = bi[..., 0][rows], hi[..., 0][rows], pids[rows]
-        self.k[rb, rh, rp] = src_k[rows]
-        self.v[rb, rh, rp] = src_v[rows]
-        self.lengths[rb, rh, rp] = layout.lengths.to(self.device)[rows].to(torch.int32)
-        self.token_ids[rb, rh, rp] = torch.where(valid, tids, PAD)[rows]
-        offs = torch.arange(S, device=self.device).expand(B, H, M, S)
-        t = tids[valid]
-        self.token_page[bi[valid], hi[valid], t] = pids.unsqueeze(-1).expand(B, H, M, S)[valid]
-        self.token_offset[bi[valid], hi[valid], t] = offs[valid]
+        # flat source row of every slot: new tokens from `keys`, older ones from where this pool holds them
+        new_src = (row * n + (tids - base)).clamp(0, max(B * H * n - 1, 0))
+        t_old = tids.clamp(min=0, max=max(self.token_page.shape[-1] - 1, 0))
+        flat_tp = self.token_page.reshape(B * H, -1)
+        old_page = flat_tp.gather(1, (t_old).reshape(B * H, -1)).reshape(B, H, M, S)
+        old_off = self.token_offset.reshape(B * H, -1).gather(1, t_old.reshape(B * H, -1)).reshape(B, H, M, S)
+        if bool((valid & ~is_new & (old_page < 0)).any()):
+            raise ValueError("layout moves a token that this pool never stored")
+        old_src = ((row * C + old_page.clamp(min=0)) * S + old_off.clamp(min=0)).reshape(-1)
+        keep = valid.reshape(-1, 1)
+        newm = is_new.reshape(-1, 1)
+        for name, fresh in (("k", keys), ("v", values)):
+            pool = getattr(self, name)
+            a = fresh.reshape(B * H * n, D).index_select(0, new_src.reshape(-1)) if n else None
+            b_ = pool.reshape(B * H * C * S, D).index_select(0, old_src)
+            src = torch.where(newm, a, b_) if a is not None else b_
+            src = torch.where(keep, src, torch.zeros((), dtype=self.dtype, device=dev))  # [B*H*M*S, D]
+            rows = pids >= 0  # [B, H, M]
+            dst = (row[..., 0] * C + pids.clamp(min=0))[rows]  # flat page index in this pool
+            pool.view(B * H * C, S * D).index_copy_(0, dst, src.view(B, H, M, S * D)[rows])
+        rows = pids >= 0
+        dst = (row[..., 0] * C + pids.clamp(min=0))[rows]
+        self.lengths.view(-1).index_copy_(0, dst, layout.lengths.to(dev)[rows].to(torch.int32))
+        self.token_ids.view(B * H * C, S).index_copy_(0, dst, torch.where(valid, tids, PAD)[rows])
+        T = self.token_page.shape[-1]
+        tflat = (row * T + tids.clamp(min=0))[valid]
+        self.token_page.view(-1).index_copy_(0, tflat, pids.unsqueeze(-1).expand(B, H, M, S)[valid])
+        self.token_offset.view(-1).index_copy_(0, tflat, torch.arange(S, device=dev).expand(B, H, M, S)[valid])
 
     def reset(self) -> None:
         self.lengths.zero_()

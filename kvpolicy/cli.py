@@ -1,0 +1,178 @@
+"""The ``kvpolicy`` command: ``plugins``, ``models``, ``generate``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _budget(s: str) -> int | None:
+    s = s.strip().lower()
+    if s in {"none", "all", "unlimited", "full"}:
+        return None
+    try:
+        v = int(s.removesuffix("k")) * (1024 if s.endswith("k") else 1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"budget must be a number of tokens or 'all', got {s!r}") from e
+    return v
+
+
+def _int_list(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _float_list(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def cmd_plugins(args) -> int:
+    from kvpolicy.registry import get_registry
+
+    reg = get_registry()
+    rows = [e.as_dict() for e in reg.entries()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="kvpolicy plugins")
+    for c in ("kind", "name", "distribution", "version"):
+        width = max([len(c), *(len(e.as_dict()[c]) for e in reg.entries())])
+        t.add_column(c, no_wrap=True, min_width=width)
+    t.add_column("about", no_wrap=True, overflow="ellipsis", max_width=60)
+    for e in reg.entries():
+        about = (e.obj.__doc__ or "").strip().split("\n")[0] if e.kind != "preset" else _preset_text(e.obj)
+        t.add_row(e.kind, e.name, e.distribution, e.version, about.replace("``", ""))
+    Console().print(t)
+    for b in reg.broken:
+        print(f"broken plugin {b.plugin!r} ({b.distribution}): {b.error}", file=sys.stderr)
+    return 0
+
+
+def _preset_text(cfg: dict) -> str:
+    def nm(v):
+        return v if isinstance(v, str) else (v or {}).get("name", "-")
+
+    return f"selector={nm(cfg.get('selector'))} index={nm(cfg.get('index', 'exact'))}"
+
+
+def cmd_models(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvpolicy.models import list_models
+
+    t = Table(title="packaged models")
+    for c in ("alias", "context", "installed", "cached", "install with"):
+        t.add_column(c)
+    for r in list_models():
+        t.add_row(r["alias"], str(r["context"]), "yes" if r["installed"] else "no",
+                  "yes" if r["cached"] else "no", r["pip_command"])
+    Console().print(t)
+    return 0
+
+
+def _load(args):
+    import torch
+
+    from kvpolicy.models import load
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load(args.model, dtype=args.dtype, device=device)
+
+
+def cmd_generate(args) -> int:
+    from kvpolicy.generation import generate
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        print("error: give exactly one of --prompt or --prompt-file", file=sys.stderr)
+        return 2
+    prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
+    from kvpolicy.policy import Policy
+
+    Policy.resolve(args.policy, budget=args.budget)  # validate before loading the model
+    model, tok = _load(args)
+    res = generate(model, tok, prompt, policy=args.policy, budget=args.budget,
+                   max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
+    print(res.text[0])
+    print(res.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from rich.console import Console
+
+    from kvpolicy.eval.demo import demo_policies, render_demo_table, run_passkey_demo
+    from kvpolicy.policy import Policy
+
+    policies = args.policy.split(",") if args.policy else demo_policies()
+    for p in policies:
+        Policy.resolve(p)
+    console = Console(stderr=False)
+    console.print(f"loading {args.model} ...")
+    model, tok = _load(args)
+    rows = run_passkey_demo(model, tok, context_tokens=args.length, depths=args.depths, budgets=args.budget,
+                            policies=policies, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    console.print(render_demo_table(rows, args.budget))
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps(r.as_dict()) + "\n" for r in rows))
+        console.print(f"rows written to {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvpolicy", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("plugins", help="list registered indexes, selectors, allocators, transfers, presets")
+    s.add_argument("--json", action="store_true", help="JSON list of {kind, name, distribution, version}")
+    s.set_defaults(fn=cmd_plugins)
+
+    s = sub.add_parser("models", help="list the packaged model aliases")
+    s.set_defaults(fn=cmd_models)
+
+    def model_args(s, default_model="smollm2-135m"):
+        s.add_argument("--model", default=default_model, help="alias, GGUF file or HF checkpoint dir")
+        s.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+        s.add_argument("--device", default=None, help="cuda if available, else cpu")
+
+    s = sub.add_parser("generate", help="generate text under a policy")
+    model_args(s)
+    s.add_argument("--policy", default="full", help="preset name or YAML file")
+    s.add_argument("--budget", type=_budget, default=None, help="tokens (e.g. 256) or 'all'")
+    s.add_argument("--prompt")
+    s.add_argument("--prompt-file")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("demo", help="passkey retrieval per policy and budget on a real model (the main job)")
+    model_args(s)
+    s.add_argument("--policy", default=None, help="comma-separated presets (default: full, oracle, streaming "
+                                                  "and every query-aware preset installed)")
+    s.add_argument("--budget", type=_int_list, default=[64, 128, 256], help="comma-separated token budgets")
+    s.add_argument("--length", type=int, default=4000, help="prompt length in tokens")
+    s.add_argument("--depths", type=_float_list, default=[0.1, 0.5, 0.9])
+    s.add_argument("--max-new-tokens", type=int, default=12)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, help="also write one JSON object per row to this file")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, ImportError, FileNotFoundError, NotImplementedError) as e:
+        print(f"kvpolicy {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
