@@ -32,11 +32,13 @@ def paged_decode_attention(
     H, K = slots.shape[1], slots.shape[2]
     S = slot_k.shape[3]
     G = Hq // H
+    N = slot_k.shape[2]
     sl = slots.clamp(min=0)
-    idx = sl.view(B, H, K, 1, 1).expand(B, H, K, S, D)
-    sel_k = slot_k.gather(2, idx).reshape(B, H, K * S, D)  # [B, H, K*S, D]
-    sel_v = slot_v.gather(2, idx).reshape(B, H, K * S, D)
-    lens = torch.where(slots >= 0, slot_len.gather(2, sl).long(), 0)  # [B, H, K]
+    rows = torch.arange(B * H, device=q.device).view(B, H, 1) * N
+    flat = (rows + sl).reshape(-1)  # [B*H*K] flat slot index
+    sel_k = slot_k.reshape(B * H * N, S, D).index_select(0, flat).view(B, H, K * S, D)  # [B, H, K*S, D]
+    sel_v = slot_v.reshape(B * H * N, S, D).index_select(0, flat).view(B, H, K * S, D)
+    lens = torch.where(slots >= 0, slot_len.reshape(-1).index_select(0, flat).view(B, H, K).long(), 0)
     sel_mask = (torch.arange(S, device=q.device).view(1, 1, 1, S) < lens.unsqueeze(-1)).reshape(B, H, K * S)
     keys = torch.cat([sink_k, sel_k, win_k], dim=2).float()  # [B, H, L, D]
     vals = torch.cat([sink_v, sel_v, win_v], dim=2).float()

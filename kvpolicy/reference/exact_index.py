@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import Index
-from kvpolicy.ops import check_tensor, gqa_merge, page_max_scores, topk_ids
+from kvpolicy.ops import check_tensor, gqa_merge, topk_ids
 from kvpolicy.types import PAD, PageLayout, SearchParams, Selection
 
 __all__ = ["ExactIndex"]
@@ -112,9 +112,10 @@ class ExactIndex(Index):
         keys = self._keys[:, :, : self._n].float()  # [B, H, T, D]
         q = queries.to(keys.device).float().view(B, H, G, D)
         scores = torch.einsum("bhgd,bhtd->bhgt", q, keys).reshape(B, H * G, self._n)  # [B, Hq, T]
-        tp = torch.arange(self._n, device=keys.device) // self._page_size
-        P = -(-self._n // self._page_size)
-        return page_max_scores(scores, tp.expand(B, H * G, self._n), P)
+        S = self._page_size
+        P = -(-self._n // S)
+        scores = torch.nn.functional.pad(scores, (0, P * S - self._n), value=float("-inf"))
+        return scores.view(B, H * G, P, S).amax(dim=-1)  # positional pages: [B, Hq, P]
 
     def search(self, queries: torch.Tensor, k: int, *, params: SearchParams | None = None) -> Selection:
         pscores = self.page_scores(queries)  # [B, Hq, P]
