@@ -71,11 +71,13 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
             f"kvpolicy attention called for layer {module.layer_idx} with the K/V of layer {layer.state.layer_idx}"
         )
     scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+    step = layer.state.step
+    prev = cache.step_selection
     out = layer.state.decode(
         query[:, :, 0], k_new, v_new, scaling=scale, softcap=kwargs.get("softcap"),
-        prev_selection=cache.step_selection,
+        prev_selection=prev[1] if prev is not None and prev[0] == step else None,
     )  # [B, Hq, D]
-    cache.step_selection = layer.state.last_selection
+    cache.step_selection = (step, layer.state.last_selection)  # seen by the next policy layer of this step
     return out.unsqueeze(1), None
 
 
@@ -194,7 +196,7 @@ class KVPolicyCache(_get_dynamic_cache()):
         if bad:
             raise ValueError(f"dense_layers {bad} do not exist: the model has {n_layers} layers")
         super().__init__(config=config)
-        self.step_selection = None  # selection of the last policy layer run in this step (layer reuse)
+        self.step_selection = None  # (step, selection) of the last policy layer run (layer reuse)
         self.policy_layers: list[int] = []
         for i, layer in enumerate(self.layers):
             if getattr(layer, "is_sliding", False) or i in self.policy.dense_layers:
@@ -220,9 +222,6 @@ class KVPolicyCache(_get_dynamic_cache()):
             else:
                 cache.layers[i] = copy.deepcopy(src)
         return cache
-
-    def begin_step(self) -> None:
-        self.step_selection = None
 
     def memory(self) -> dict[str, int]:
         """Bytes of KV on the compute device, KV in CPU memory and index metadata, over all layers."""

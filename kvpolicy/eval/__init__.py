@@ -1,0 +1,1 @@
+"""Evaluation tasks (passkey, NIAH, ...) built from real long text shipped in PyPI packages."""
