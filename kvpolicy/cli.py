@@ -125,6 +125,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
+DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS (kept import-free for a fast --help)
+DEMO_SEED = 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvpolicy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -155,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--policy", default=None, help="comma-separated presets (default: full, oracle, streaming "
                                                   "and every query-aware preset installed)")
-    s.add_argument("--budget", type=_int_list, default=[64, 128, 256], help="comma-separated token budgets")
+    s.add_argument("--budget", type=_int_list, default=[64, 128, 256, 512], help="comma-separated token budgets")
     s.add_argument("--length", type=int, default=4000, help="prompt length in tokens")
-    s.add_argument("--depths", type=_float_list, default=[0.1, 0.5, 0.9])
+    s.add_argument("--depths", type=_float_list, default=list(DEMO_DEPTHS), help="needle depths in [0, 1]")
     s.add_argument("--max-new-tokens", type=int, default=12)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=DEMO_SEED, help="haystack seed (picks the essay text and key)")
     s.add_argument("--json", default=None, help="also write one JSON object per row to this file")
     s.set_defaults(fn=cmd_demo)
     return p

@@ -1,9 +1,10 @@
 """The passkey demo (``kvpolicy demo``): does a policy still retrieve a passkey hidden in ~4k tokens of
 real essay text, at several depths and budgets?
 
-The prompt's prefill is dense for every policy in this demo, so it is computed once per depth (over all
-tokens but the last) and handed to each (policy, budget) through ``KVPolicyCache.from_dense``; the last
-prompt token and the answer are then decoded under the policy, with the KV really paged out.
+The prompt's prefill is dense for every policy in this demo (as in ``kvpolicy.generate``), so it is computed
+once per depth, with the greedy first answer token, and handed to each (policy, budget) through
+``KVPolicyCache.from_dense``; the rest of the answer is decoded under the policy, with the KV really paged
+out. This is token for token what ``kvpolicy.generate`` does, without repeating the prefill.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from kvpolicy.registry import get_registry
 __all__ = ["DemoRow", "demo_policies", "render_demo_table", "run_passkey_demo"]
 
 BASE_POLICIES = ("full", "oracle", "streaming")
+# SmolLM2-135M with the full cache does not retrieve most 4k essay passkeys placed early in the prompt
+# (measured: 2/12 at depths 0.1/0.5/0.9 over seeds 0-3). With haystack seed 1 it retrieves the key at depths
+# 0.6, 0.75 and 0.9, i.e. 1600, 1000 and 400 tokens before the question: all far outside the sink and
+# window pages, so a policy must fetch the needle's page to answer. These are the demo's defaults.
+DEFAULT_DEPTHS = (0.6, 0.75, 0.9)
+DEFAULT_SEED = 1
 
 
 @dataclass
@@ -63,11 +70,11 @@ def run_passkey_demo(
     tokenizer: Any,
     *,
     context_tokens: int = 4000,
-    depths: Sequence[float] = (0.1, 0.5, 0.9),
-    budgets: Sequence[int] = (64, 128, 256),
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    budgets: Sequence[int] = (64, 128, 256, 512),
     policies: Sequence[str] | None = None,
     max_new_tokens: int = 12,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     progress: bool = True,
 ) -> list[DemoRow]:
     """Run every (depth, policy, budget); ``full`` runs once per depth (it reads every page)."""
@@ -82,19 +89,22 @@ def run_passkey_demo(
     previous = model.config._attn_implementation
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task("passkey demo", total=len(depths) * (1 + len(jobs)))
-        for i, depth in enumerate(depths):
-            sample = make_passkey_sample(tokenizer, context_tokens=context_tokens, depth=depth, seed=seed + i)
+        for depth in depths:
+            sample = make_passkey_sample(tokenizer, context_tokens=context_tokens, depth=depth, seed=seed)
             ids = sample.input_ids(model.device)  # [1, T]
             bar.update(task, description=f"depth {depth:.0%}: dense prefill of {ids.shape[1]} tokens")
             dense = DynamicCache(config=model.config)
-            model(ids[:, :-1], past_key_values=dense, use_cache=True)
+            logits = model(ids, past_key_values=dense, use_cache=True).logits  # dense prefill, as every policy
+            first = logits[:, -1:].argmax(-1)  # [1, 1] greedy first answer token
+            ids_first = torch.cat([ids, first], dim=1)
             bar.advance(task)
             for name, budget in jobs:
                 bar.update(task, description=f"depth {depth:.0%}: {name} @ {budget or 'all'} tokens")
                 pol = resolved[name].with_budget(budget)
                 t0 = time.perf_counter()
                 cache = KVPolicyCache.from_dense(model, pol, dense)
-                out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+                out = model.generate(ids_first, past_key_values=cache, max_new_tokens=max_new_tokens - 1,
+                                     do_sample=False)
                 answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                 mem = cache.memory()
                 b = pol.resolve_budget()
