@@ -126,15 +126,16 @@ def render_demo_table(rows: Sequence[DemoRow], budgets: Sequence[int]):
     depths = sorted({r.depth for r in rows})
     table = Table(title=f"passkey retrieval at ~{rows[0].context_tokens} tokens, depths "
                         + ", ".join(f"{d:.0%}" for d in depths))
-    table.add_column("policy")
+    table.add_column("policy", no_wrap=True)
     for b in budgets:
-        table.add_column(f"{b} tokens", justify="center")
+        table.add_column(f"{b} tokens", justify="center", no_wrap=True)
     for name in dict.fromkeys(r.policy for r in rows):
         mine = [r for r in rows if r.policy == name]
+        unlimited = all(r.budget_tokens is None for r in mine)
         cells = []
         for b in budgets:
-            got = [r for r in mine if r.budget_tokens in (b, None)]
-            marks = "".join("✓" if r.found else "✗" for r in sorted(got, key=lambda r: r.depth))
-            cells.append(f"{sum(r.found for r in got)}/{len(got)} {marks}" + (" (all)" if got and got[0].budget_tokens is None else ""))
-        table.add_row(name, *cells)
+            got = sorted((r for r in mine if r.budget_tokens in (b, None)), key=lambda r: r.depth)
+            marks = "".join("✓" if r.found else "✗" for r in got)
+            cells.append(f"{sum(r.found for r in got)}/{len(got)} {marks}")
+        table.add_row(name + (" (every page)" if unlimited else ""), *cells)
     return table
