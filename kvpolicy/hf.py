@@ -25,6 +25,7 @@ import torch
 from kvpolicy.errors import UnsupportedModelError
 from kvpolicy.layer import PolicyLayer
 from kvpolicy.policy import Policy
+from kvpolicy.reference.mirror_index import MirrorIndex
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -201,7 +202,13 @@ class KVPolicyCache(_get_dynamic_cache()):
         for i, layer in enumerate(self.layers):
             if getattr(layer, "is_sliding", False) or i in self.policy.dense_layers:
                 continue
-            self.layers[i] = PolicyCacheLayer(PolicyLayer(self.policy, i, validate=validate), self)
+            state = PolicyLayer(self.policy, i, validate=validate)
+            anchor = state.selector.follows_layer(i)
+            if anchor is not None:  # layer reuse: lay out this layer's K/V in the anchor's pages
+                if anchor not in self.policy_layers:
+                    raise ValueError(f"layer {i} follows layer {anchor}, which is not a policy layer")
+                state.index = MirrorIndex(self.layers[anchor].state)
+            self.layers[i] = PolicyCacheLayer(state, self)
             self.policy_layers.append(i)
         register_attention()
         if hasattr(model_or_config, "set_attn_implementation"):

@@ -119,6 +119,13 @@ class Selector(Part):
     def reset(self) -> None:  # noqa: B027
         """Default: stateless."""
 
+    def follows_layer(self, layer: int) -> int | None:
+        """The earlier layer whose page layout (and so whose selection) this layer reuses, or None.
+
+        A layer that follows another gets a ``MirrorIndex`` of that layer instead of its own index, and its
+        ``ctx.prev_selection`` is the selection of the layer before it at the same step."""
+        return None
+
 
 class PageAllocator(Part):
     """Maps logical pages to GPU slots of one layer and owns eviction of the GPU working set.

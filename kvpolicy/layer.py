@@ -58,6 +58,7 @@ class PolicyLayer:
         self.validate = validate  # check every Selection (tests, conformance); off on the hot path
         self.stats = LayerStats()
         self.last_selection: Selection | None = None
+        self.last_add_layout = None  # layout returned by the last Index.add (read by mirror layers)
         self._clear()
 
     def _clear(self) -> None:
@@ -235,6 +236,7 @@ class PolicyLayer:
         pk, pv = self.win_k[:, :, :S].clone(), self.win_v[:, :, :S].clone()  # [B, Hkv, S, D]
         base = self.index.num_tokens
         layout = self.index.add(pk)
+        self.last_add_layout = layout
         self.cpu_pool.write(layout, pk, pv, base=base)
         self.allocator.invalidate(layout.page_ids)
         self.selector.update(pk, layout, self.context())

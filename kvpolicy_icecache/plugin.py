@@ -13,8 +13,20 @@ def kvpolicy_register_indexes():
 
 
 @hookimpl
+def kvpolicy_register_selectors():
+    from kvpolicy_icecache.icecache_selector import IceCacheSelector
+
+    return [IceCacheSelector]
+
+
+@hookimpl
 def kvpolicy_register_presets():
     return {
-        # DCI-tree pages ranked by the index alone; the full IceCache selector (sink/window/reuse) comes later
+        # IceCache as the reference runs it: first two layers dense, DCI-tree pages, head-specific retrieval
+        "icecache": {"selector": {"name": "icecache"}, "index": {"name": "dci_tree"}, "dense_layers": [0, 1]},
+        # IceCache(r): anchor layers 2, 5, 8, ... search; the next two reuse the anchor's pages and selection
+        "icecache-reuse": {"selector": {"name": "icecache", "reuse": True}, "index": {"name": "dci_tree"},
+                           "dense_layers": [0, 1]},
+        # ablation: DCI-tree pages ranked by the index alone, every layer sparse
         "icecache-index": {"selector": "index_topk", "index": {"name": "dci_tree"}},
     }
