@@ -170,6 +170,7 @@ class TransferHandle:
     nbytes: int
     event: Any = None  # torch.cuda.Event recorded after the copy on the copy stream, or None (already done)
     stream: Any = None  # the stream the copy ran on, or None
+    pending: Any = None  # transfer-private work that ``wait`` finishes (e.g. the scatter into slots)
 
 
 @dataclass(frozen=True)

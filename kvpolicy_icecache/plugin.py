@@ -20,13 +20,21 @@ def kvpolicy_register_selectors():
 
 
 @hookimpl
+def kvpolicy_register_transfers():
+    from kvpolicy_icecache.bulk_load_transfer import BulkLoadTransfer
+
+    return [BulkLoadTransfer]
+
+
+@hookimpl
 def kvpolicy_register_presets():
     return {
         # IceCache as the reference runs it: first two layers dense, DCI-tree pages, head-specific retrieval
-        "icecache": {"selector": {"name": "icecache"}, "index": {"name": "dci_tree"}, "dense_layers": [0, 1]},
+        "icecache": {"selector": {"name": "icecache"}, "index": {"name": "dci_tree"}, "transfer": "bulk_load",
+                     "dense_layers": [0, 1]},
         # IceCache(r): anchor layers 2, 5, 8, ... search; the next two reuse the anchor's pages and selection
         "icecache-reuse": {"selector": {"name": "icecache", "reuse": True}, "index": {"name": "dci_tree"},
-                           "dense_layers": [0, 1]},
+                           "transfer": "bulk_load", "dense_layers": [0, 1]},
         # ablation: DCI-tree pages ranked by the index alone, every layer sparse
         "icecache-index": {"selector": "index_topk", "index": {"name": "dci_tree"}},
     }

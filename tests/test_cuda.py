@@ -13,7 +13,7 @@ pytestmark = pytest.mark.cuda
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("policy", ["full", "oracle", "streaming", "exact-topk"])
+@pytest.mark.parametrize("policy", ["full", "oracle", "streaming", "exact-topk", "icecache", "icecache-reuse"])
 def test_unlimited_budget_reproduces_dense_on_cuda(arch, policy):
     model = tiny_model(arch).cuda()
     ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1)).cuda()
