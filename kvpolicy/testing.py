@@ -29,6 +29,7 @@ __all__ = [
     "TransferConformance",
     "clustered_keys",
     "layout_pages",
+    "exact_page_selection",
     "page_recall",
 ]
 
@@ -56,6 +57,25 @@ def layout_pages(layouts: list[PageLayout]) -> dict[tuple[int, int, int], list[i
                     if p >= 0:
                         pages[(b, h, p)] = sorted(int(t) for t in lay.token_ids[b, h, m] if t >= 0)
     return pages
+
+
+def exact_page_selection(keys: torch.Tensor, layout: PageLayout, queries: torch.Tensor, k: int) -> Selection:
+    """Ground truth for any page layout: pages ranked by their best token's exact q.k, GQA heads merged by
+    interleaving ranks (as the indexes do). keys: [B, Hkv, T, D] index-local; layout: a full (build) layout;
+    queries: [B, Hq, D] -> Selection [B, Hkv, <=k]."""
+    from kvpolicy.ops import gqa_merge, page_max_scores, topk_ids
+
+    B, H, T, D = keys.shape
+    G = queries.shape[1] // H
+    tok_page = torch.full((B, H, T), PAD, dtype=torch.int64)
+    valid = layout.token_ids >= 0  # [B, H, M, S]
+    bi = torch.arange(B).view(B, 1, 1, 1).expand_as(layout.token_ids)[valid]
+    hi = torch.arange(H).view(1, H, 1, 1).expand_as(layout.token_ids)[valid]
+    tok_page[bi, hi, layout.token_ids[valid]] = layout.page_ids.unsqueeze(-1).expand_as(layout.token_ids)[valid]
+    scores = torch.einsum("bhgd,bhtd->bhgt", queries.float().view(B, H, G, D), keys.float()).reshape(B, H * G, T)
+    tp = tok_page.repeat_interleave(G, dim=1)  # [B, Hq, T]
+    ids, _ = topk_ids(page_max_scores(scores, tp, int(layout.num_pages.max())), k)
+    return Selection(page_ids=gqa_merge(ids.view(B, H, G, -1), k))
 
 
 def page_recall(found: Selection, truth: Selection) -> float:
@@ -123,21 +143,7 @@ class IndexConformance:
         at = torch.randint(0, 1024, (2, 4), generator=torch.Generator().manual_seed(2))  # 4 tokens per KV head
         q = torch.stack([keys[0, h, at[h]] for h in range(2)]).reshape(1, 8, -1) + 0.1  # [1, Hq=8, D], GQA 4
         found = idx.search(q, self.k)
-        # truth: exact max-inner-product pages over this index's own pages
-        pages = layout_pages([lay])
-        truth_ids = []
-        for h in range(2):
-            tok_page = torch.full((1024,), -1, dtype=torch.int64)
-            for (_b, hh, p), ts in pages.items():
-                if hh == h:
-                    tok_page[ts] = p
-            s = torch.einsum("gd,td->gt", q[0, h * 4 : (h + 1) * 4], keys[0, h])
-            ps = torch.full((4, int(lay.num_pages.max())), float("-inf")).scatter_reduce(
-                -1, tok_page.expand(4, -1), s, reduce="amax")
-            truth_ids.append(ps.topk(self.k, -1).indices)
-        from kvpolicy.ops import gqa_merge
-
-        truth = Selection(page_ids=gqa_merge(torch.stack(truth_ids).unsqueeze(0), self.k))
+        truth = exact_page_selection(keys, lay, q, self.k)  # exact search over this index's own pages
         r = page_recall(found, truth)
         assert r >= self.min_recall, f"recall@{self.k} {r:.3f} < {self.min_recall}"
         if self.index_cls is ExactIndex:

@@ -53,3 +53,42 @@ def test_oracle_at_256_tokens_finds_the_passkey_at_4k(smollm2):
     assert res.prompt_tokens > 3900
     assert res.memory["device_kv"] < res.memory["cpu_kv"] / 5  # the budget, not the cache, is resident
     assert score_passkey(sample, res.text[0]), res.text[0]
+
+
+def test_dci_tree_page_recall_on_real_keys(smollm2):
+    """Recall@12 of the DCI tree against exact search over its own pages, on SmolLM2's keys and queries of a
+    4k-token essay (layers 2, 10, 20, 29; the last 66 query positions). Declared threshold: 0.95
+    (measured 1.0 with the default exact cell scan)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kvpolicy.eval.corpus import essay_text
+    from kvpolicy.testing import exact_page_selection, page_recall
+    from kvpolicy_icecache.dci_tree_index import DCITreeIndex
+
+    model, tok = smollm2
+    captured = {}
+
+    def capture(module, q, k, v, mask, **kw):  # q: [1, Hq, T, D], k: [1, Hkv, T, D] after RoPE
+        captured[module.layer_idx] = (q.detach(), k.detach())
+        return sdpa_attention_forward(module, q, k, v, mask, **kw)
+
+    AttentionInterface.register("kvpolicy-capture", capture)
+    previous = model.config._attn_implementation
+    ids = tok(essay_text()[:20000], return_tensors="pt")["input_ids"][:, :4096]
+    try:
+        model.set_attn_implementation("kvpolicy-capture")
+        with torch.inference_mode():
+            model(ids)
+    finally:
+        model.set_attn_implementation(previous)
+    recalls = []
+    for layer in (2, 10, 20, 29):
+        q, k = captured[layer]
+        keys = k[:, :, 32:-64]  # what the index holds: no sink, no window
+        index = DCITreeIndex()
+        layout = index.build(keys, page_size=16)
+        for t in range(4030, 4096, 6):
+            truth = exact_page_selection(keys, layout, q[:, :, t], 12)
+            recalls.append(page_recall(index.search(q[:, :, t], 12), truth))
+    assert sum(recalls) / len(recalls) >= 0.95, recalls
