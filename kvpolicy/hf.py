@@ -66,11 +66,17 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    layer, cache, k_new, v_new = pending
-    if layer.state.layer_idx != getattr(module, "layer_idx", layer.state.layer_idx):
-        raise RuntimeError(
-            f"kvpolicy attention called for layer {module.layer_idx} with the K/V of layer {layer.state.layer_idx}"
-        )
+    if pending[0] == "prefill":  # a selector that scores the prompt's queries: prefill after SDPA
+        _, layer, k_all, v_all = pending
+        _check_layer(module, layer)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        layer.prefill(k_all, v_all, queries=query)
+        return out
+    _, layer, k_new, v_new = pending
+    _check_layer(module, layer)
+    cache = layer.cache
     scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
     step = layer.state.step
     prev = cache.step_selection
@@ -80,6 +86,26 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
     )  # [B, Hq, D]
     cache.step_selection = (step, layer.state.last_selection)  # seen by the next policy layer of this step
     return out.unsqueeze(1), None
+
+
+def _check_layer(module, layer) -> None:
+    if layer.state.layer_idx != getattr(module, "layer_idx", layer.state.layer_idx):
+        raise RuntimeError(
+            f"kvpolicy attention called for layer {module.layer_idx} with the K/V of layer {layer.state.layer_idx}"
+        )
+
+
+_executor = None
+
+
+def _build_executor():
+    """The process-wide prefill-job worker: one thread, FIFO, so an anchor layer's build precedes its mirrors'."""
+    global _executor
+    if _executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpolicy-build")
+    return _executor
 
 
 def _layer_base():
@@ -112,17 +138,23 @@ class PolicyCacheLayer(_layer_base()):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self.state.prefilled:
-            self.state.prefill(key_states, value_states)  # the prompt is attended densely (SDPA)
-            _handoff.item = None
+        if not self.state.prefilled:  # the prompt is attended densely (SDPA)
+            if self.state.selector.needs_prompt_queries:
+                _handoff.item = ("prefill", self, key_states, value_states)  # prefill once the queries are seen
+            else:
+                self.prefill(key_states, value_states)
+                _handoff.item = None
             return key_states, value_states
         if key_states.shape[2] != 1:
             raise NotImplementedError(
                 f"layer {self.state.layer_idx}: decoding {key_states.shape[2]} tokens per step is not supported "
                 "by KVPolicyCache (one token per step after the prefill)"
             )
-        _handoff.item = (self, self.cache, key_states, value_states)
+        _handoff.item = ("decode", self, key_states, value_states)
         return key_states, value_states
+
+    def prefill(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None = None) -> None:
+        self.state.prefill(keys, values, queries=queries, executor=self.cache.build_executor)
 
     def get_seq_length(self) -> int:
         return self.state.seq_len
@@ -184,9 +216,19 @@ class KVPolicyCache(_get_dynamic_cache()):
     ``model_or_config``: the model (its attention implementation is switched to ``"kvpolicy"``; the
     function falls back to SDPA for anything that is not a policy decode step) or its config (then set
     ``model.set_attn_implementation("kvpolicy")`` yourself). ``validate=True`` checks every Selection.
+    ``overlap_build=True`` runs each layer's index build (and selector prepare) on a background worker while the
+    next layers do their prefill; the first decode step waits for it (``stats()['build_wait_s']``).
     """
 
-    def __init__(self, model_or_config: Any, policy: Policy | str | dict, *, budget: Any = ..., validate: bool = False):
+    def __init__(
+        self,
+        model_or_config: Any,
+        policy: Policy | str | dict,
+        *,
+        budget: Any = ...,
+        validate: bool = False,
+        overlap_build: bool = True,
+    ):
         config = getattr(model_or_config, "config", model_or_config)
         check_model_supported(config)
         overrides = {} if budget is ... else {"budget": budget}
@@ -198,6 +240,7 @@ class KVPolicyCache(_get_dynamic_cache()):
             raise ValueError(f"dense_layers {bad} do not exist: the model has {n_layers} layers")
         super().__init__(config=config)
         self.step_selection = None  # (step, selection) of the last policy layer run (layer reuse)
+        self.build_executor = _build_executor() if overlap_build else None
         self.policy_layers: list[int] = []
         for i, layer in enumerate(self.layers):
             if getattr(layer, "is_sliding", False) or i in self.policy.dense_layers:
@@ -225,7 +268,7 @@ class KVPolicyCache(_get_dynamic_cache()):
             dst = cache.layers[i]
             if isinstance(dst, PolicyCacheLayer):
                 dst.lazy_initialization(src.keys, src.values)
-                dst.state.prefill(src.keys, src.values)
+                dst.prefill(src.keys, src.values)
             else:
                 cache.layers[i] = copy.deepcopy(src)
         return cache
@@ -246,6 +289,7 @@ class KVPolicyCache(_get_dynamic_cache()):
         """Counters summed over policy layers (steps counted once)."""
         out: dict[str, float] = {}
         for i in self.policy_layers:
+            self.layers[i].state.wait_ready()
             for k, v in vars(self.layers[i].state.stats).items():
                 out[k] = out.get(k, 0) + v
         if self.policy_layers:

@@ -100,12 +100,17 @@ class Selector(Part):
       most ``ctx.k`` pages per (b, KV head) (``ctx.k`` is every page for an unlimited budget).
     * ``requires_index``: the selector calls ``ctx.index.search``; ``query_aware``: the selection depends on
       the query; ``uses_budget = False`` marks selectors that always read every page (``full``).
+    * ``needs_prompt_queries``: ``prepare`` reads ``ctx.prompt_queries`` (the prompt's queries ``[B, Hq, T, D]``,
+      e.g. SnapKV's observation window); such a selector needs its prefill to run through the cache (a prefill
+      reused from a dense cache has no queries). ``prepare`` may run on a background thread while the next
+      layer does its prefill; it must touch only its own state.
     """
 
     kind: ClassVar[str] = "selector"
     requires_index: ClassVar[bool] = False
     query_aware: ClassVar[bool] = True
     uses_budget: ClassVar[bool] = True
+    needs_prompt_queries: ClassVar[bool] = False
 
     def prepare(self, keys: torch.Tensor, layout: PageLayout, ctx: SelectContext) -> None:  # noqa: B027
         """Default: nothing to prepare."""

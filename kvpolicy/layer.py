@@ -16,7 +16,10 @@ pages (``Selector.select``), maps them to slots (``PageAllocator.reserve``), mov
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +46,8 @@ class LayerStats:
     transfer_s: float = 0.0
     attention_s: float = 0.0
     insert_s: float = 0.0
+    build_s: float = 0.0  # prefill job: index build, pool write, selector prepare (inline or in the background)
+    build_wait_s: float = 0.0  # time the decode path waited for a background prefill job
 
 
 class PolicyLayer:
@@ -62,6 +67,7 @@ class PolicyLayer:
         self._clear()
 
     def _clear(self) -> None:
+        self._job = self._job_inputs = None  # background prefill job (see prefill)
         self.seq_len = 0
         self.step = 0
         self.prefilled = False
@@ -72,6 +78,8 @@ class PolicyLayer:
         self.gpu_pool: PagePool | None = None
 
     def reset(self) -> None:
+        with contextlib.suppress(Exception):  # a failed job's error is moot once the layer is reset
+            self.wait_ready()
         if self.index is not None:
             self.index.reset()
         self.selector.reset()
@@ -81,8 +89,21 @@ class PolicyLayer:
         self._clear()
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Take over the prompt's K/V ``[B, Hkv, T, D]`` (dense prefill attention is the caller's job)."""
+    def prefill(
+        self,
+        keys: torch.Tensor,  # [B, Hkv, T, D]
+        values: torch.Tensor,  # [B, Hkv, T, D]
+        *,
+        queries: torch.Tensor | None = None,  # [B, Hq, T, D] the prompt's queries (selectors that need them)
+        executor: Executor | None = None,
+    ) -> None:
+        """Take over the prompt's K/V (dense prefill attention is the caller's job).
+
+        Input checks, the sink and the window run here. The index build, the CPU pool write and
+        ``Selector.prepare`` form one job: run inline, or submitted to ``executor`` (one worker, FIFO) so that it
+        overlaps the next layer's prefill; the first call that needs the result (decode, memory) waits for it
+        and re-raises its error. On CUDA the job runs on its own stream, ordered after the producer of ``keys``.
+        """
         check_tensor("keys", keys, 4, dims="[B, Hkv, T, D]")
         check_tensor("values", values, 4, dims="[B, Hkv, T, D]")
         if keys.shape != values.shape:
@@ -93,6 +114,15 @@ class PolicyLayer:
                 "is not supported by KVPolicyCache; start a new cache"
             )
         B, H, T, D = keys.shape
+        if self.selector.needs_prompt_queries:
+            if queries is None:
+                raise ValueError(
+                    f"selector {self.selector.name!r} needs the prompt's queries (prefill-time scoring); run the "
+                    "prefill through KVPolicyCache (a prefill reused from a dense cache has no queries)"
+                )
+            check_tensor("queries", queries, 4, dims="[B, Hq, T, D]")
+            if queries.shape[0] != B or queries.shape[2] != T or queries.shape[3] != D or queries.shape[1] % H:
+                raise ValueError(f"queries {tuple(queries.shape)} do not match keys {tuple(keys.shape)}")
         for part in (self.index, self.selector, self.allocator, self.transfer):
             if part is not None and part.max_batch_size is not None and B > part.max_batch_size:
                 raise ValueError(
@@ -119,11 +149,52 @@ class PolicyLayer:
         self.win_v[:, :, : self.win_len] = values[:, :, n_sink + n_mid :]
         mid_k, mid_v = keys[:, :, n_sink : n_sink + n_mid], values[:, :, n_sink : n_sink + n_mid]
         self.cpu_pool = PagePool(B, H, S, D, dtype=keys.dtype, device="cpu", capacity=n_mid // S)
-        layout = self.index.build(mid_k, page_size=S)
-        self.cpu_pool.write(layout, mid_k, mid_v, base=0)
-        self._setup_slots(self._num_slots_needed())
-        self.selector.prepare(mid_k, layout, self.context())
+        q = queries if self.selector.needs_prompt_queries else None
+        if executor is None:
+            self._build(mid_k, mid_v, q, n_sink, None, None)
+            self.seq_len, self.prefilled = T, True
+            return
         self.seq_len, self.prefilled = T, True
+        stream = ready = None
+        if dev.type == "cuda":
+            stream = torch.cuda.Stream(device=dev)
+            ready = torch.cuda.current_stream(dev).record_event()
+        self._job_inputs = (mid_k, mid_v, q, stream)  # kept alive until the main stream has waited for the job
+        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())  # thread-local: carry them over
+        self._job = executor.submit(self._build, mid_k, mid_v, q, n_sink, stream, ready, modes)
+
+    def _build(self, mid_k, mid_v, queries, n_sink: int, stream, ready, modes=None) -> None:
+        """Index build, CPU pool write, slot setup and ``Selector.prepare`` (see ``prefill``)."""
+        t0 = time.perf_counter()
+        inference, grad = modes if modes is not None else (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        with (
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad),
+            torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
+        ):
+            if ready is not None:
+                stream.wait_event(ready)
+            layout = self.index.build(mid_k, page_size=self.budget.page_size)
+            self.cpu_pool.write(layout, mid_k, mid_v, base=0)
+            self._setup_slots(self._num_slots_needed())
+            ctx = dataclasses.replace(self.context(), prompt_queries=queries, index_offset=n_sink)
+            self.selector.prepare(mid_k, layout, ctx)
+        self.stats.build_s += time.perf_counter() - t0
+
+    def wait_ready(self) -> None:
+        """Wait for a background prefill job (re-raising its error) and order the current stream after it."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            job.result()
+        finally:
+            stream = self._job_inputs[3]
+            if stream is not None:
+                torch.cuda.current_stream(stream.device).wait_stream(stream)
+            self._job_inputs = None
+            self.stats.build_wait_s += time.perf_counter() - t0
 
     def _num_slots_needed(self) -> int:
         if self.budget.retrieved_pages is not None:
@@ -167,6 +238,7 @@ class PolicyLayer:
         """One decode step: append, select, reserve, transfer, attend, maybe insert a full window page."""
         if not self.prefilled:
             raise RuntimeError(f"layer {self.layer_idx}: decode before prefill")
+        self.wait_ready()
         B, H, D = self.shape
         if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
             raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
@@ -250,5 +322,6 @@ class PolicyLayer:
         """Bytes: KV on the compute device (sink, window, slots), KV in CPU pages, index metadata."""
         if not self.prefilled:
             return {"device_kv": 0, "cpu_kv": 0, "index": 0}
+        self.wait_ready()
         dev = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v)) + self.gpu_pool.kv_nbytes
         return {"device_kv": dev, "cpu_kv": self.cpu_pool.kv_nbytes, "index": self.index.nbytes}

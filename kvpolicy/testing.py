@@ -408,13 +408,14 @@ class TransferConformance:
 
 
 def _single_plugin(cls: type) -> Any:
-    """An in-process plugin object registering one selector class (for classes not installed as plugins)."""
+    """An in-process plugin object registering one part class of any kind (for classes not installed as
+    plugins): ``Registry().register(_single_plugin(MyIndex))``."""
     from kvpolicy.hookspecs import hookimpl
 
+    hook = {"index": "indexes", "selector": "selectors", "allocator": "allocators", "transfer": "transfers"}[cls.kind]
+
     class _Plugin:
-        @hookimpl
-        def kvpolicy_register_selectors(self):
-            return [cls]
+        pass
 
+    setattr(_Plugin, f"kvpolicy_register_{hook}", hookimpl(lambda self: [cls]))
     return _Plugin()
-

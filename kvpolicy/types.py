@@ -200,6 +200,10 @@ class SelectContext:
     scaling: float = 1.0  # softmax scale of the model's attention (e.g. 1/sqrt(D))
     prev_selection: Selection | None = None  # the previous layer's selection at this step (layer reuse)
     search_params: SearchParams | None = None
+    # prepare() only, for selectors with ``needs_prompt_queries``: the prompt's queries (RoPE applied) and the
+    # prompt position of index-local token 0 (token i of the index is prompt position index_offset + i)
+    prompt_queries: torch.Tensor | None = None  # [B, Hq, T, D]
+    index_offset: int = 0
 
     @property
     def k(self) -> int:
