@@ -212,7 +212,12 @@ class SelectorConformance:
         pol = Policy(selector={"name": self.selector_cls.name, **self.selector_kwargs}, index=self.index,
                      page_size=self.page_size, budget=budget, registry=reg)
         layer = PolicyLayer(pol, 0, validate=True)
-        layer.prefill(keys, values)
+        queries = None
+        if self.selector_cls.needs_prompt_queries:  # prompt queries near the keys, GQA 2 like the decode queries
+            g = torch.Generator().manual_seed(11)
+            queries = keys.repeat_interleave(2, dim=1) + 0.3 * torch.randn(keys.shape[0], 2 * keys.shape[1],
+                                                                          *keys.shape[2:], generator=g)
+        layer.prefill(keys, values, queries=queries)
         return layer
 
     def _data(self, T=600, seed=0):
