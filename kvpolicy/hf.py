@@ -216,8 +216,9 @@ class KVPolicyCache(_get_dynamic_cache()):
     ``model_or_config``: the model (its attention implementation is switched to ``"kvpolicy"``; the
     function falls back to SDPA for anything that is not a policy decode step) or its config (then set
     ``model.set_attn_implementation("kvpolicy")`` yourself). ``validate=True`` checks every Selection.
-    ``overlap_build=True`` runs each layer's index build (and selector prepare) on a background worker while the
-    next layers do their prefill; the first decode step waits for it (``stats()['build_wait_s']``).
+    ``overlap=True`` runs each layer's index build (and selector prepare) on a background worker while the next
+    layers do their prefill, and each page insertion while the other layers decode; a layer's next step waits
+    for its job (``stats()['wait_s']``). ``overlap=False`` runs them inline.
     """
 
     def __init__(
@@ -227,7 +228,7 @@ class KVPolicyCache(_get_dynamic_cache()):
         *,
         budget: Any = ...,
         validate: bool = False,
-        overlap_build: bool = True,
+        overlap: bool = True,
     ):
         config = getattr(model_or_config, "config", model_or_config)
         check_model_supported(config)
@@ -240,7 +241,7 @@ class KVPolicyCache(_get_dynamic_cache()):
             raise ValueError(f"dense_layers {bad} do not exist: the model has {n_layers} layers")
         super().__init__(config=config)
         self.step_selection = None  # (step, selection) of the last policy layer run (layer reuse)
-        self.build_executor = _build_executor() if overlap_build else None
+        self.build_executor = _build_executor() if overlap else None
         self.policy_layers: list[int] = []
         for i, layer in enumerate(self.layers):
             if getattr(layer, "is_sliding", False) or i in self.policy.dense_layers:

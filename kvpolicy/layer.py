@@ -45,9 +45,10 @@ class LayerStats:
     select_s: float = 0.0
     transfer_s: float = 0.0
     attention_s: float = 0.0
-    insert_s: float = 0.0
+    insert_s: float = 0.0  # decode-path time of page insertions (the stall; the work itself if inline)
+    insert_work_s: float = 0.0  # time of the insertion work (Index.add, pool write, Selector.update)
     build_s: float = 0.0  # prefill job: index build, pool write, selector prepare (inline or in the background)
-    build_wait_s: float = 0.0  # time the decode path waited for a background prefill job
+    wait_s: float = 0.0  # time the decode path waited for a background job (prefill build or page insertion)
 
 
 class PolicyLayer:
@@ -67,7 +68,9 @@ class PolicyLayer:
         self._clear()
 
     def _clear(self) -> None:
-        self._job = self._job_inputs = None  # background prefill job (see prefill)
+        self._job = self._job_inputs = None  # background job in flight (see _run_job)
+        self._stream = None  # CUDA stream of the layer's background jobs
+        self.executor: Executor | None = None
         self.seq_len = 0
         self.step = 0
         self.prefilled = False
@@ -150,23 +153,42 @@ class PolicyLayer:
         mid_k, mid_v = keys[:, :, n_sink : n_sink + n_mid], values[:, :, n_sink : n_sink + n_mid]
         self.cpu_pool = PagePool(B, H, S, D, dtype=keys.dtype, device="cpu", capacity=n_mid // S)
         q = queries if self.selector.needs_prompt_queries else None
-        if executor is None:
-            self._build(mid_k, mid_v, q, n_sink, None, None)
-            self.seq_len, self.prefilled = T, True
-            return
+        self.executor = executor
+        self._run_job(self._build, mid_k, mid_v, q, n_sink)
         self.seq_len, self.prefilled = T, True
-        stream = ready = None
-        if dev.type == "cuda":
-            stream = torch.cuda.Stream(device=dev)
-            ready = torch.cuda.current_stream(dev).record_event()
-        self._job_inputs = (mid_k, mid_v, q, stream)  # kept alive until the main stream has waited for the job
-        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())  # thread-local: carry them over
-        self._job = executor.submit(self._build, mid_k, mid_v, q, n_sink, stream, ready, modes)
 
-    def _build(self, mid_k, mid_v, queries, n_sink: int, stream, ready, modes=None) -> None:
+    def _build(self, mid_k, mid_v, queries, n_sink: int) -> None:
         """Index build, CPU pool write, slot setup and ``Selector.prepare`` (see ``prefill``)."""
         t0 = time.perf_counter()
-        inference, grad = modes if modes is not None else (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        layout = self.index.build(mid_k, page_size=self.budget.page_size)
+        self.cpu_pool.write(layout, mid_k, mid_v, base=0)
+        self._setup_slots(self._num_slots_needed())
+        ctx = dataclasses.replace(self.context(), prompt_queries=queries, index_offset=n_sink)
+        self.selector.prepare(mid_k, layout, ctx)
+        self.stats.build_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ background jobs
+    def _run_job(self, fn, *args) -> None:
+        """Run ``fn(*args)`` inline, or on ``self.executor`` (one worker thread, FIFO across layers) while the
+        caller goes on. The job sees the caller's grad/inference mode; on CUDA it runs on the layer's own stream,
+        ordered after the work already queued on the current stream. At most one job per layer is in flight:
+        ``wait_ready`` (called first by every operation that reads the layer's state) joins it."""
+        if self.executor is None:
+            fn(*args)
+            return
+        self.wait_ready()
+        stream = ready = None
+        if self.device.type == "cuda":
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=self.device)
+            stream, ready = self._stream, torch.cuda.current_stream(self.device).record_event()
+        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())  # thread-local: carry them over
+        self._job_inputs = args  # kept alive until the current stream has waited for the job
+        self._job = self.executor.submit(self._in_job, fn, args, stream, ready, modes)
+
+    @staticmethod
+    def _in_job(fn, args, stream, ready, modes) -> None:
+        inference, grad = modes
         with (
             torch.inference_mode(inference),
             torch.set_grad_enabled(grad),
@@ -174,15 +196,10 @@ class PolicyLayer:
         ):
             if ready is not None:
                 stream.wait_event(ready)
-            layout = self.index.build(mid_k, page_size=self.budget.page_size)
-            self.cpu_pool.write(layout, mid_k, mid_v, base=0)
-            self._setup_slots(self._num_slots_needed())
-            ctx = dataclasses.replace(self.context(), prompt_queries=queries, index_offset=n_sink)
-            self.selector.prepare(mid_k, layout, ctx)
-        self.stats.build_s += time.perf_counter() - t0
+            fn(*args)
 
     def wait_ready(self) -> None:
-        """Wait for a background prefill job (re-raising its error) and order the current stream after it."""
+        """Join the layer's background job (re-raising its error) and order the current stream after it."""
         job, self._job = self._job, None
         if job is None:
             return
@@ -190,11 +207,10 @@ class PolicyLayer:
         try:
             job.result()
         finally:
-            stream = self._job_inputs[3]
-            if stream is not None:
-                torch.cuda.current_stream(stream.device).wait_stream(stream)
+            if self._stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
             self._job_inputs = None
-            self.stats.build_wait_s += time.perf_counter() - t0
+            self.stats.wait_s += time.perf_counter() - t0
 
     def _num_slots_needed(self) -> int:
         if self.budget.retrieved_pages is not None:
@@ -298,7 +314,9 @@ class PolicyLayer:
         self.win_len += 1
 
     def _flush_window_page(self) -> None:
-        """Move the oldest full window page into the index and the CPU pool."""
+        """Move the oldest full window page into the index and the CPU pool. The window shift happens now; the
+        insertion (``Index.add``, pool write, residency invalidation, ``Selector.update``) is a job that runs
+        inline or in the background until this layer's next step (see ``_run_job``)."""
         if not self.index.supports_add:
             raise NotImplementedError(
                 f"index {self.index.name!r} does not support add(), so decoding past the window cannot "
@@ -306,16 +324,21 @@ class PolicyLayer:
             )
         S = self.budget.page_size
         pk, pv = self.win_k[:, :, :S].clone(), self.win_v[:, :, :S].clone()  # [B, Hkv, S, D]
+        self.win_k[:, :, :-S] = self.win_k[:, :, S:].clone()
+        self.win_v[:, :, :-S] = self.win_v[:, :, S:].clone()
+        self.win_len -= S
+        self._run_job(self._insert, pk, pv)
+
+    def _insert(self, pk: torch.Tensor, pv: torch.Tensor) -> None:
+        t0 = time.perf_counter()
         base = self.index.num_tokens
         layout = self.index.add(pk)
         self.last_add_layout = layout
         self.cpu_pool.write(layout, pk, pv, base=base)
         self.allocator.invalidate(layout.page_ids)
         self.selector.update(pk, layout, self.context())
-        self.win_k[:, :, :-S] = self.win_k[:, :, S:].clone()
-        self.win_v[:, :, :-S] = self.win_v[:, :, S:].clone()
-        self.win_len -= S
         self.stats.pages_inserted += 1
+        self.stats.insert_work_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ accounting
     def memory(self) -> dict[str, int]:

@@ -268,6 +268,31 @@ def test_dense_and_gathered_scans_agree():
     assert torch.equal(sels[0], sels[1])
 
 
+@SETTINGS
+@given(T=st.integers(200, 2500), seed=st.integers(0, 50), G=st.sampled_from([1, 4]), k=st.sampled_from([1, 6, 20]),
+       adds=st.integers(0, 3))
+def test_masked_search_equals_beam_search(T, seed, G, k, adds):
+    """The fixed-shape (masked) descent selects exactly what the gathering beam descent selects."""
+    keys = clustered_keys(B=1, H=2, T=T + 16 * adds, D=32, seed=seed)
+    q = torch.randn(1, 2 * G, 32, generator=torch.Generator().manual_seed(seed))
+    sels = []
+    for mode in ("beam", "masked"):
+        idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, search_mode=mode)
+        idx.build(keys[:, :, :T], page_size=16)
+        for i in range(adds):
+            idx.add(keys[:, :, T + 16 * i : T + 16 * (i + 1)])
+        sels.append((idx.search(q, k).page_ids, idx.last_scanned_fraction))
+    assert torch.equal(sels[0][0], sels[1][0])
+    assert sels[0][1] == pytest.approx(sels[1][1])
+
+
+def test_masked_search_rejects_pruning():
+    idx = DCITreeIndex(search_mode="masked", ratio_1=0.05, min_field_of_view=4)
+    idx.build(clustered_keys(T=600), page_size=16)
+    with pytest.raises(ValueError, match="beam"):
+        idx.search(torch.randn(1, 2, 32), 4, params=SearchParams(prop_to_retrieve=0.8))
+
+
 def test_k_at_least_pages_returns_every_page():
     keys = clustered_keys(B=1, H=2, T=500, D=16, seed=2)
     idx = DCITreeIndex.tiny()

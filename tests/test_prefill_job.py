@@ -36,12 +36,13 @@ def _registry_with(*classes) -> Registry:
 def test_background_build_matches_inline(tiny_llama, preset):
     ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(4))
     pol = Policy.preset(preset, budget=128)
-    inline, c1 = _generate(tiny_llama, ids, pol, overlap_build=False)
-    overlap, c2 = _generate(tiny_llama, ids, pol, overlap_build=True)
+    inline, c1 = _generate(tiny_llama, ids, pol, overlap=False)
+    overlap, c2 = _generate(tiny_llama, ids, pol, overlap=True)
     assert torch.equal(inline, overlap)
     s1, s2 = c1.stats(), c2.stats()
     assert s1["build_s"] > 0 and s2["build_s"] > 0
-    assert s1["build_wait_s"] == 0  # inline: nothing to wait for
+    assert s1["pages_inserted"] == s2["pages_inserted"] > 0 and s2["insert_work_s"] > 0
+    assert s1["wait_s"] == 0  # inline: nothing to wait for
 
 
 @dataclass(kw_only=True)
@@ -91,4 +92,4 @@ def test_background_build_errors_surface_at_decode(tiny_llama):
     pol = Policy(selector="index_topk", index="test-failing", budget=96, registry=reg)
     ids = torch.randint(0, 128, (1, 200))
     with pytest.raises(FloatingPointError, match="on purpose"):
-        _generate(tiny_llama, ids, pol, n=3, overlap_build=True)
+        _generate(tiny_llama, ids, pol, n=3, overlap=True)
