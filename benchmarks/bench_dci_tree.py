@@ -12,6 +12,7 @@ search against the exact top-k over the DCI index's *own* pages (best token's q.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.5, help="query = key at a random position + noise * N(0, 1)")
     ap.add_argument("--queries", choices=["near", "random"], default="near",
                     help="near: keys plus noise; random: N(0, 1) queries, not close to any key")
+    ap.add_argument("--json", default=None, help="append one JSON object per (T, index) to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev, H, G, D, S, k = args.device, args.kv_heads, args.gqa, args.dim, args.page_size, args.k
@@ -82,7 +84,8 @@ def main() -> None:
             qs.append(q + args.noise * noise if args.queries == "near" else 3.0 * noise)
         for name, make, params in (
             ("exact", lambda: ExactIndex(device=dev), None),
-            ("dci_tree", lambda: DCITreeIndex(device=dev), None),
+            ("dci_tree", lambda: DCITreeIndex(device=dev), None),  # masked search (default)
+            ("dci_tree beam", lambda: DCITreeIndex(device=dev, search_mode="beam"), None),
             ("dci_tree pr=0.8", lambda: DCITreeIndex(device=dev), SearchParams(prop_to_retrieve=0.8)),
         ):
             idx = make()
@@ -106,7 +109,15 @@ def main() -> None:
                          f"pages/head={int(idx.num_pages.float().mean())}")
             r = f"{statistics.mean(rec):8.3f}" if rec else f"{'1 (def)':>8}"
             print(f"{T:>7} {name:<18} {tb / T * 1e6:12.2f} {statistics.median(ta) * 1e3:11.2f} "
-                  f"{statistics.median(ts) * 1e3:10.2f} {r}  {notes}")
+                  f"{statistics.median(ts) * 1e3:10.2f} {r}  {notes}", flush=True)
+            if args.json:
+                row = {"device": dev, "threads": torch.get_num_threads(), "T": T, "index": name, "kv_heads": H,
+                       "q_heads": H * G, "dim": D, "k": k, "build_s": tb, "build_us_per_token": tb / T * 1e6,
+                       "add_ms_per_page": statistics.median(ta) * 1e3, "search_ms": statistics.median(ts) * 1e3,
+                       "recall_at_k": statistics.mean(rec) if rec else 1.0,
+                       "scanned_fraction": statistics.mean(scanned) if scanned else 1.0}
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

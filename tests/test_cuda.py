@@ -38,3 +38,39 @@ def test_offloaded_pages_live_in_pinned_cpu_memory():
         assert st.stats.pages_moved > 0 and st.stats.bytes_moved > 0
     mem = cache.memory()
     assert mem["device_kv"] < 0.4 * mem["cpu_kv"]  # 128 of ~620 tokens on the GPU
+
+
+@pytest.mark.parametrize("index_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("preset", ["icecache", "icecache-reuse"])
+def test_background_jobs_on_cuda_match_inline(preset, index_device):
+    """Prefill builds and page insertions on the background worker (own CUDA stream) decode exactly like inline."""
+    from kvpolicy.policy import Policy
+
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(3)).cuda()
+    base = Policy.preset(preset, budget=128)
+    pol = Policy.from_config({**base.to_config(), "index": {"name": "dci_tree", "device": index_device},
+                              "dense_layers": [0]})
+    outs, caches = [], []
+    for overlap in (False, True):
+        cache = KVPolicyCache(model, pol, overlap=overlap)
+        with torch.inference_mode():
+            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False))
+        caches.append(cache)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(outs[0], outs[1])
+    assert caches[1].stats()["pages_inserted"] == caches[0].stats()["pages_inserted"] > 0
+
+
+def test_dci_tree_masked_and_beam_search_agree_on_cuda():
+    from kvpolicy.testing import clustered_keys
+    from kvpolicy_icecache.dci_tree_index import DCITreeIndex
+
+    keys = clustered_keys(B=2, H=4, T=8192, D=64, seed=5).cuda()
+    q = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(6)).cuda()
+    sels = []
+    for mode in ("beam", "masked"):
+        idx = DCITreeIndex(device="cuda", search_mode=mode)
+        idx.build(keys, page_size=16)
+        sels.append(idx.search(q, 12).page_ids)
+    assert torch.equal(sels[0], sels[1])
