@@ -8,6 +8,8 @@ from kvpolicy.types import PAD
 
 __all__ = ["check_tensor", "gqa_merge", "page_max_scores", "topk_ids"]
 
+_BIG_ID = 1 << 40  # above any page id; (id * L + pos) stays far below 2**63
+
 
 def check_tensor(name: str, t: object, ndim: int, *, floating: bool = True, dims: str = "") -> torch.Tensor:
     """Raise a clear TypeError/ValueError unless ``t`` is a tensor of ``ndim`` dims (and floating)."""
@@ -46,8 +48,8 @@ def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
         return flat
     pos = torch.arange(L, device=flat.device).expand(B, H, L)
     valid = flat >= 0
-    big = (flat.max() + 1).clamp(min=1) if valid.any() else torch.tensor(1, device=flat.device)
-    key = torch.where(valid, flat, big) * L + pos  # sort by (id, position)
+    key = torch.where(valid, flat, _BIG_ID) * L + pos  # sort by (id, position); no host sync
+
     skey, order = key.sort(dim=-1)
     sid = torch.where(valid.gather(-1, order), flat.gather(-1, order), PAD)
     first = torch.ones_like(sid, dtype=torch.bool)

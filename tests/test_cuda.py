@@ -74,3 +74,24 @@ def test_dci_tree_masked_and_beam_search_agree_on_cuda():
         idx.build(keys, page_size=16)
         sels.append(idx.search(q, 12).page_ids)
     assert torch.equal(sels[0], sels[1])
+
+
+def test_dci_tree_graph_search_follows_adds_and_growth():
+    """The CUDA-graph replay of the masked search sees in-place updates (add) and re-captures on reallocation."""
+    from kvpolicy.testing import clustered_keys
+    from kvpolicy_icecache.dci_tree_index import DCITreeIndex
+
+    keys = clustered_keys(B=1, H=4, T=4096 + 80 * 16, D=64, seed=7).cuda()
+    q = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(8)).cuda()
+    a, b = DCITreeIndex(device="cuda"), DCITreeIndex(device="cuda", cuda_graphs=False)
+    for idx in (a, b):
+        idx.build(keys[:, :, :4096], page_size=16)
+    captures = set()
+    for i in range(80):  # 1280 new tokens: past the initial headroom, so the token tables grow
+        page = keys[:, :, 4096 + 16 * i : 4096 + 16 * (i + 1)]
+        a.add(page)
+        b.add(page)
+        if i % 8 == 0:
+            assert torch.equal(a.search(q, 12).page_ids, b.search(q, 12).page_ids)
+            captures.add(a._graph[0])
+    assert len(captures) >= 2  # at least one re-capture after a reallocation
