@@ -121,8 +121,8 @@ class PagePool:
         """
         if not self.track_tokens:
             raise RuntimeError("PagePool.write needs track_tokens=True (a slot pool is written by a Transfer)")
-        keys = keys.to(self.device, self.dtype)
-        values = values.to(self.device, self.dtype)
+        src_dev = keys.device  # new tokens are gathered where they are (e.g. on the GPU), then moved once
+        keys, values = keys.to(dtype=self.dtype), values.to(device=src_dev, dtype=self.dtype)
         n = keys.shape[2]
         pids, tids = layout.page_ids.to(self.device), layout.token_ids.to(self.device)  # [B,H,M], [B,H,M,S]
         if pids.numel() == 0:
@@ -135,28 +135,30 @@ class PagePool:
         row = row.expand(B, H, M, S)  # (b, h) row of every page slot
         valid = (tids >= 0) & (pids >= 0).unsqueeze(-1)  # [B, H, M, S]
         is_new = valid & (tids >= base)
+        old = valid & ~is_new  # tokens this pool already holds, moved to another page
+        rows = pids >= 0  # [B, H, M]
+        dst = (row[..., 0] * C + pids.clamp(min=0))[rows]  # flat page index in this pool
         # flat source row of every slot: new tokens from `keys`, older ones from where this pool holds them
-        new_src = (row * n + (tids - base)).clamp(0, max(B * H * n - 1, 0))
-        t_old = tids.clamp(min=0, max=max(self.token_page.shape[-1] - 1, 0))
-        flat_tp = self.token_page.reshape(B * H, -1)
-        old_page = flat_tp.gather(1, (t_old).reshape(B * H, -1)).reshape(B, H, M, S)
-        old_off = self.token_offset.reshape(B * H, -1).gather(1, t_old.reshape(B * H, -1)).reshape(B, H, M, S)
-        if bool((valid & ~is_new & (old_page < 0)).any()):
-            raise ValueError("layout moves a token that this pool never stored")
-        old_src = ((row * C + old_page.clamp(min=0)) * S + old_off.clamp(min=0)).reshape(-1)
-        keep = valid.reshape(-1, 1)
-        newm = is_new.reshape(-1, 1)
+        new_src = (row * n + (tids - base)).clamp(0, max(B * H * n - 1, 0))[rows].reshape(-1)
+        any_old = bool(old.any())
+        if any_old:
+            t_old = tids.clamp(min=0, max=max(self.token_page.shape[-1] - 1, 0)).reshape(B * H, -1)
+            old_page = self.token_page.reshape(B * H, -1).gather(1, t_old).reshape(B, H, M, S)
+            old_off = self.token_offset.reshape(B * H, -1).gather(1, t_old).reshape(B, H, M, S)
+            if bool((old & (old_page < 0)).any()):
+                raise ValueError("layout moves a token that this pool never stored")
+            old_src = ((row * C + old_page.clamp(min=0)) * S + old_off.clamp(min=0))[rows].reshape(-1)
+        newm, keep = is_new[rows].reshape(-1, 1), valid[rows].reshape(-1, 1)
         for name, fresh in (("k", keys), ("v", values)):
             pool = getattr(self, name)
-            a = fresh.reshape(B * H * n, D).index_select(0, new_src.reshape(-1)) if n else None
-            b_ = pool.reshape(B * H * C * S, D).index_select(0, old_src)
-            src = torch.where(newm, a, b_) if a is not None else b_
-            src = torch.where(keep, src, torch.zeros((), dtype=self.dtype, device=dev))  # [B*H*M*S, D]
-            rows = pids >= 0  # [B, H, M]
-            dst = (row[..., 0] * C + pids.clamp(min=0))[rows]  # flat page index in this pool
-            pool.view(B * H * C, S * D).index_copy_(0, dst, src.view(B, H, M, S * D)[rows])
-        rows = pids >= 0
-        dst = (row[..., 0] * C + pids.clamp(min=0))[rows]
+            if n:
+                a = fresh.reshape(B * H * n, D).index_select(0, new_src.to(src_dev)).to(dev)  # one move
+            else:
+                a = torch.zeros((newm.shape[0], D), dtype=self.dtype, device=dev)
+            if any_old:
+                a = torch.where(newm, a, pool.reshape(B * H * C * S, D).index_select(0, old_src))
+            src = a.masked_fill_(~keep, 0)  # [rows*S, D]
+            pool.view(B * H * C, S * D).index_copy_(0, dst, src.view(-1, S * D))
         self.lengths.view(-1).index_copy_(0, dst, layout.lengths.to(dev)[rows].to(torch.int32))
         self.token_ids.view(B * H * C, S).index_copy_(0, dst, torch.where(valid, tids, PAD)[rows])
         T = self.token_page.shape[-1]

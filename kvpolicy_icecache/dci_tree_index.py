@@ -967,9 +967,14 @@ class DCITreeIndex(Index):
             keep, order = self._beam_keep(s, self._subtree.gather(1, cells), k, fov)
             picked = torch.where(keep, cells[:, None].expand_as(order).gather(-1, order), 0)  # 0: root, already set
             front.scatter_(1, picked.reshape(BH, -1), True)
-        scanned = front.gather(1, parent) & (self._tok_page >= 0)  # [BH, T*]
-        self._last_scanned = scanned.sum(-1)
-        return self._rank_pages(dense.masked_fill(~scanned[:, None], _NEG_INF), k), self._rank_pages(dense, k)
+        # every page lies in one cell, so a page is scanned iff its cell is: one page max serves both rankings
+        P = self._page_len.shape[1]
+        tp = self._tok_page[:, None].expand(BH, G, -1)
+        ps = page_max_scores(dense.reshape(1, BH * G, -1), tp.reshape(1, BH * G, -1), P).view(BH, G, P)
+        page_cell = parent.gather(1, self._page_tok[:, :, 0].clamp(min=0))  # [BH, P*]
+        seen = front.gather(1, page_cell)  # [BH, P*]
+        self._last_scanned = (self._page_len * seen).sum(-1)
+        return topk_ids(ps.masked_fill(~seen[:, None], _NEG_INF), k)[0], topk_ids(ps, k)[0]
 
     def _rank_pages(self, s: torch.Tensor, k: int) -> torch.Tensor:
         """Pages ranked by their best token score. s [BH, G, n] (-inf: not scanned) -> ids [BH, G, min(k, P*)]
