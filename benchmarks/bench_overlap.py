@@ -76,7 +76,8 @@ def run(model, ids, cache, steps: int, dev: str) -> dict:
            "step_times_ms": [t * 1e3 for t in times]}
     if layer is not None:
         st = cache.stats()
-        row.update({k: st[k] for k in ("build_s", "wait_s", "insert_s", "insert_work_s", "pages_inserted")})
+        row.update({k: st[k] for k in ("build_s", "build_index_s", "build_pool_s", "pool_alloc_s", "wait_s",
+                                       "insert_s", "insert_work_s", "pages_inserted")})
     return row
 
 
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--policy", default="icecache")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--index-device", default=None, help="device of the index (default: --device)")
+    ap.add_argument("--variants", default="dense,overlap,inline")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = args.device
@@ -103,6 +105,8 @@ def main() -> None:
 
     rows = []
     variants = [("dense", None), (f"{args.policy} overlap", True), (f"{args.policy} inline", False)]
+    keep = args.variants.split(",")
+    variants = [v for v, key in zip(variants, ("dense", "overlap", "inline")) if key in keep]
     for name, overlap in variants:
         if overlap is None:
             cache = DynamicCache(config=model.config)
@@ -120,7 +124,9 @@ def main() -> None:
               f"  plain {fmt(row['plain_step_ms'])} ms  inserting ({row['insert_steps']}) "
               f"{fmt(row['insert_step_ms'])} ms"
               + (f"  | build {row['build_s']:.3f} s  wait {row['wait_s']:.3f} s  insert stall {row['insert_s']:.3f} s"
-                 f"  insert work {row['insert_work_s']:.3f} s" if "build_s" in row else ""), flush=True)
+                 f"  insert work {row['insert_work_s']:.3f} s  (build: index {row['build_index_s']:.3f} s, pool write "
+                 f"{row['build_pool_s']:.3f} s, pool alloc {row['pool_alloc_s']:.3f} s)" if "build_s" in row else ""),
+              flush=True)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

@@ -48,6 +48,9 @@ class LayerStats:
     insert_s: float = 0.0  # decode-path time of page insertions (the stall; the work itself if inline)
     insert_work_s: float = 0.0  # time of the insertion work (Index.add, pool write, Selector.update)
     build_s: float = 0.0  # prefill job: index build, pool write, selector prepare (inline or in the background)
+    build_index_s: float = 0.0  # of which Index.build
+    build_pool_s: float = 0.0  # of which the CPU pool write (device -> pinned host copy included)
+    pool_alloc_s: float = 0.0  # of which allocating the layer's (pinned) CPU pool, sized after the build
     wait_s: float = 0.0  # time the decode path waited for a background job (prefill build or page insertion)
 
 
@@ -151,7 +154,6 @@ class PolicyLayer:
         self.win_k[:, :, : self.win_len] = keys[:, :, n_sink + n_mid :]
         self.win_v[:, :, : self.win_len] = values[:, :, n_sink + n_mid :]
         mid_k, mid_v = keys[:, :, n_sink : n_sink + n_mid], values[:, :, n_sink : n_sink + n_mid]
-        self.cpu_pool = PagePool(B, H, S, D, dtype=keys.dtype, device="cpu", capacity=n_mid // S)
         q = queries if self.selector.needs_prompt_queries else None
         self.executor = executor
         self._run_job(self._build, mid_k, mid_v, q, n_sink)
@@ -160,12 +162,24 @@ class PolicyLayer:
     def _build(self, mid_k, mid_v, queries, n_sink: int) -> None:
         """Index build, CPU pool write, slot setup and ``Selector.prepare`` (see ``prefill``)."""
         t0 = time.perf_counter()
-        layout = self.index.build(mid_k, page_size=self.budget.page_size)
+        B, H, _, D = mid_k.shape
+        S = self.budget.page_size
+        layout = self.index.build(mid_k, page_size=S)
+        t1 = time.perf_counter()
+        # sized after the build (semantic indexes make more pages than T/S), with room for decode-time pages
+        P = int(layout.num_pages.max()) if layout.num_pages.numel() else 0
+        self.cpu_pool = PagePool(B, H, S, D, dtype=mid_k.dtype, device="cpu", capacity=P + max(64, P // 8))
+        self.stats.pool_alloc_s += time.perf_counter() - t1
+        t1 = time.perf_counter()
         self.cpu_pool.write(layout, mid_k, mid_v, base=0)
+        t2 = time.perf_counter()
         self._setup_slots(self._num_slots_needed())
         ctx = dataclasses.replace(self.context(), prompt_queries=queries, index_offset=n_sink)
         self.selector.prepare(mid_k, layout, ctx)
-        self.stats.build_s += time.perf_counter() - t0
+        st = self.stats
+        st.build_s += time.perf_counter() - t0
+        st.build_index_s += t1 - t0
+        st.build_pool_s += t2 - t1
 
     # ------------------------------------------------------------------ background jobs
     def _run_job(self, fn, *args) -> None:

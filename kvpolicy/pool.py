@@ -149,7 +149,14 @@ class PagePool:
                 raise ValueError("layout moves a token that this pool never stored")
             old_src = ((row * C + old_page.clamp(min=0)) * S + old_off.clamp(min=0))[rows].reshape(-1)
         newm, keep = is_new[rows].reshape(-1, 1), valid[rows].reshape(-1, 1)
+        in_order = not any_old and M <= C and bool(((pids == torch.arange(M, device=dev)) | (pids < 0)).all())
         for name, fresh in (("k", keys), ("v", values)):
+            if in_order and n:  # pages 0..M-1 of every row, all new (a build): gather there, one copy per tensor
+                idx = (row * n + (tids - base)).clamp(0, B * H * n - 1).reshape(-1).to(src_dev)
+                g = fresh.reshape(B * H * n, D).index_select(0, idx)
+                g = g.masked_fill_(~valid.reshape(-1, 1).to(src_dev), 0)
+                getattr(self, name).view(B * H, C, S * D)[:, :M].copy_(g.view(B * H, M, S * D))
+                continue
             pool = getattr(self, name)
             if n:
                 a = fresh.reshape(B * H * n, D).index_select(0, new_src.to(src_dev)).to(dev)  # one move
