@@ -92,3 +92,28 @@ def test_dci_tree_page_recall_on_real_keys(smollm2):
             truth = exact_page_selection(keys, layout, q[:, :, t], 12)
             recalls.append(page_recall(index.search(q[:, :, t], 12), truth))
     assert sum(recalls) / len(recalls) >= 0.95, recalls
+
+
+def test_icecache_finds_the_passkey_at_64_128_256_tokens(smollm2):
+    """IceCache (preset: DCI-tree pages, first two layers dense, bulk loading) at 64, 128 and 256 tokens on the
+    4k sample of ``kvpolicy demo`` (seed 0, needle at 90% depth) that the full cache retrieves; and the same run
+    twice selects the same pages in every layer (same seed, same selection)."""
+    from kvpolicy.eval.passkey import make_passkey_sample, score_passkey
+    from kvpolicy.hf import KVPolicyCache
+
+    model, tok = smollm2
+    sample = make_passkey_sample(tok, context_tokens=4000, depth=0.9, seed=0)
+    ids = sample.input_ids()
+    full = kvpolicy.generate(model, ids, policy="full", max_new_tokens=10, tokenizer=tok)
+    assert score_passkey(sample, full.text[0]), f"precondition: full KV finds it, got {full.text[0]!r}"
+    for budget in (64, 128, 256):
+        res = kvpolicy.generate(model, ids, policy="icecache", budget=budget, max_new_tokens=10, tokenizer=tok)
+        assert score_passkey(sample, res.text[0]), f"icecache@{budget}: {res.text[0]!r}"
+    selections = []
+    for _ in range(2):
+        cache = KVPolicyCache(model, "icecache", budget=128)
+        with torch.inference_mode():
+            model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        model.set_attn_implementation("sdpa")
+        selections.append([cache.layers[i].state.last_selection.page_ids for i in cache.policy_layers])
+    assert all(torch.equal(a, b) for a, b in zip(*selections))
