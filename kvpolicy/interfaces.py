@@ -30,6 +30,7 @@ class Part(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]
     max_batch_size: ClassVar[int | None] = None
+    requires: ClassVar[tuple[str, ...]] = ()  # optional modules the part imports (conformance skips without them)
 
     @classmethod
     def tiny(cls) -> Part:

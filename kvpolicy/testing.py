@@ -87,7 +87,19 @@ def page_recall(found: Selection, truth: Selection) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- Index
-class IndexConformance:
+class _Requires:
+    """Skips a suite whose part needs an optional module that is not installed (``Part.requires``)."""
+
+    @pytest.fixture(autouse=True)
+    def _optional_modules(self):
+        for attr in ("index_cls", "selector_cls", "allocator_cls", "transfer_cls"):
+            cls = getattr(self, attr, None)
+            if cls is not None:
+                for module in cls.requires:
+                    pytest.importorskip(module, reason=f"{cls.kind} {cls.name!r} needs {module}")
+
+
+class IndexConformance(_Requires):
     """Contract of ``Index`` (see ``kvpolicy.interfaces.Index``) plus recall@k against exact search."""
 
     index_cls: ClassVar[type[Index]]
@@ -190,7 +202,7 @@ class IndexConformance:
 
 
 # ---------------------------------------------------------------------------------------------- Selector
-class SelectorConformance:
+class SelectorConformance(_Requires):
     """Contract of ``Selector`` inside a real ``PolicyLayer`` (budget, validity, determinism, quality)."""
 
     selector_cls: ClassVar[type[Selector]]
@@ -271,7 +283,7 @@ class SelectorConformance:
 
 
 # ---------------------------------------------------------------------------------------------- Allocator
-class AllocatorConformance:
+class AllocatorConformance(_Requires):
     """Contract of ``PageAllocator``: distinct slots, residency, pinning, eviction, invalidation."""
 
     allocator_cls: ClassVar[type[PageAllocator]]
@@ -352,7 +364,7 @@ class AllocatorConformance:
 
 
 # ---------------------------------------------------------------------------------------------- Transfer
-class TransferConformance:
+class TransferConformance(_Requires):
     """Contract of ``Transfer``: bit-exact copies into the right slots, nothing else touched."""
 
     transfer_cls: ClassVar[type[Transfer]]
