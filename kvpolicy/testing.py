@@ -182,6 +182,24 @@ class IndexConformance(_Requires):
         sel = idx.search(torch.randn(1, 2, keys.shape[-1]), self.k)
         sel.validate(idx.num_pages)
 
+    def test_empty_build_then_add(self):
+        """A prompt shorter than sink + window leaves the index empty at prefill; decoding then adds pages."""
+        idx = self.make()
+        keys = clustered_keys(T=3 * self.page_size, seed=6)
+        lay0 = idx.build(keys[:, :, :0], page_size=self.page_size)
+        lay0.validate()
+        assert idx.num_tokens == 0
+        if not idx.supports_add:
+            return
+        layouts = [lay0]
+        for i in range(3):
+            layouts.append(idx.add(keys[:, :, i * self.page_size : (i + 1) * self.page_size]))
+            layouts[-1].validate()
+        pages = layout_pages(layouts)
+        for h in range(keys.shape[1]):
+            assert sorted(t for (b, hh, _), ts in pages.items() if hh == h for t in ts) == list(range(keys.shape[2]))
+        idx.search(torch.randn(1, 4, keys.shape[-1]), self.k).validate(idx.num_pages)
+
     def test_bad_input_is_rejected(self):
         idx = self.make()
         with pytest.raises((ValueError, TypeError)):
