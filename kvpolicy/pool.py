@@ -155,7 +155,9 @@ class PagePool:
                 idx = (row * n + (tids - base)).clamp(0, B * H * n - 1).reshape(-1).to(src_dev)
                 g = fresh.reshape(B * H * n, D).index_select(0, idx)
                 g = g.masked_fill_(~valid.reshape(-1, 1).to(src_dev), 0)
-                getattr(self, name).view(B * H, C, S * D)[:, :M].copy_(g.view(B * H, M, S * D))
+                dst_rows, src_rows = getattr(self, name).view(B * H, C, S * D), g.view(B * H, M, S * D)
+                for r in range(B * H):  # contiguous row copies (a strided destination would be staged)
+                    dst_rows[r, :M].copy_(src_rows[r])
                 continue
             pool = getattr(self, name)
             if n:
