@@ -21,6 +21,10 @@ def _budget(s: str) -> int | None:
     return v
 
 
+def _str_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
 def _int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -104,6 +108,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _index_args(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        head, sep, value = item.partition("=")
+        name, dot, key = head.partition(".")
+        if not (sep and dot and name and key):
+            raise ValueError(f"--index-arg {item!r} is not NAME.KEY=VALUE")
+        out.setdefault(name, {})[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_ablate(args) -> int:
+    from rich.console import Console
+
+    from kvpolicy.eval.ablate import ablation_rows, parse_length, render_ablation_table, write_jsonl
+    from kvpolicy.registry import get_registry
+
+    reg = get_registry()
+    for name in args.index:
+        reg.get("index", name)  # unknown names fail before the model loads
+    reg.get("selector", args.selector)
+    lengths = [parse_length(x) for x in args.length]
+    model, tok = _load(args)
+    rows = ablation_rows(model, tok, indexes=args.index, selector=args.selector, budgets=args.budget,
+                         lengths=lengths, n_queries=args.queries, layers=args.layers,
+                         index_args=_index_args(args.index_arg), model_name=args.model)
+    Console(width=max(140, Console().width)).print(render_ablation_table(rows))
+    if args.json:
+        write_jsonl(rows, args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from rich.console import Console
 
@@ -166,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=DEMO_SEED, help="haystack seed (picks the essay text and key)")
     s.add_argument("--json", default=None, help="also write one JSON object per row to this file")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("ablate", help="indexes x budgets on a real model's keys and queries (recall, mass, speed)")
+    model_args(s)
+    s.add_argument("--index", type=_str_list, default=["exact", "dci_tree"], help="comma-separated index names")
+    s.add_argument("--selector", default="index_topk")
+    s.add_argument("--budget", type=_int_list, default=[64, 128, 256], help="comma-separated token budgets")
+    s.add_argument("--length", type=_str_list, default=["4k"], help="comma-separated lengths (4k, 8k, 4096)")
+    s.add_argument("--queries", type=int, default=16, help="decode-position queries per layer")
+    s.add_argument("--layers", type=_int_list, default=None, help="comma-separated layer indexes (default: all)")
+    s.add_argument("--index-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="index hyperparameter, e.g. dci_tree.device=cuda (repeatable)")
+    s.add_argument("--json", default=None, help="append one JSON object per row to this file")
+    s.set_defaults(fn=cmd_ablate)
     return p
 
 

@@ -63,6 +63,9 @@ def _strict_default() -> bool:
     return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+_PLURAL = {"index": "indexes"}
+
+
 class Registry:
     """All registered parts and presets, keyed by (kind, name)."""
 
@@ -154,7 +157,7 @@ class Registry:
         if entry is None:
             known = self.names(kind)
             raise UnknownNameError(
-                f"unknown {kind} {name!r}.{suggest(name, known)} Registered {kind}s: {', '.join(known) or 'none'}"
+                f"unknown {kind} {name!r}.{suggest(name, known)} Registered {_PLURAL.get(kind, kind + 's')}: {', '.join(known) or 'none'}"
             )
         return entry.obj
 
