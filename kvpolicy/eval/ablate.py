@@ -68,7 +68,7 @@ def _git_sha() -> str | None:
 
 def full_layout(layer: PolicyLayer) -> PageLayout:
     """The layout of every page a prefilled layer holds, read back from its CPU pool."""
-    pool, num = layer.cpu_pool, layer.index.num_pages
+    pool, num = layer.cpu_pool, layer.index.num_pages.cpu()
     P = int(num.max()) if num.numel() else 0
     ids = torch.arange(P).expand(pool.batch_size, pool.num_kv_heads, P)
     return PageLayout(page_ids=torch.where(ids < num.unsqueeze(-1), ids, PAD), token_ids=pool.token_ids[:, :, :P],
