@@ -102,8 +102,12 @@ class Selector(Part):
     * ``requires_index``: the selector calls ``ctx.index.search``; ``query_aware``: the selection depends on
       the query; ``uses_budget = False`` marks selectors that always read every page (``full``).
     * ``needs_prompt_queries``: ``prepare`` reads ``ctx.prompt_queries`` (the prompt's queries ``[B, Hq, T, D]``,
-      e.g. SnapKV's observation window); such a selector needs its prefill to run through the cache (a prefill
-      reused from a dense cache has no queries). ``prepare`` may run on a background thread while the next
+      e.g. SnapKV's observation window) and ``ctx.prompt_keys`` (every prompt key ``[B, Hkv, T, D]``, for
+      softmax normalisation); such a selector needs its prefill to run through the cache (a prefill
+      reused from a dense cache has no queries).
+    * ``reads_every_page(layer)``: in that layer the budget is unlimited (``ctx.k`` is every page) and the
+      selector ranks all of them, best first (e.g. OmniKV's full-attention filter layers, whose ranking the
+      following layers truncate to the budget through ``follows_layer``/``ctx.prev_selection``). ``prepare`` may run on a background thread while the next
       layer does its prefill; it must touch only its own state.
     """
 
@@ -124,6 +128,10 @@ class Selector(Part):
 
     def reset(self) -> None:  # noqa: B027
         """Default: stateless."""
+
+    def reads_every_page(self, layer: int) -> bool:
+        """Whether ``layer`` attends to every page (its budget is unlimited). Default: no layer."""
+        return False
 
     def follows_layer(self, layer: int) -> int | None:
         """The earlier layer whose page layout (and so whose selection) this layer reuses, or None.

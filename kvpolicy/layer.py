@@ -63,6 +63,8 @@ class PolicyLayer:
         self.budget = policy.resolve_budget()
         parts = policy.make_parts()
         self.index, self.selector = parts.index, parts.selector
+        if self.selector.reads_every_page(layer_idx):
+            self.budget = dataclasses.replace(self.budget, retrieved_pages=None)
         self.allocator, self.transfer = parts.allocator, parts.transfer
         self.validate = validate  # check every Selection (tests, conformance); off on the hot path
         self.stats = LayerStats()
@@ -134,7 +136,7 @@ class PolicyLayer:
                 raise ValueError(
                     f"batch size {B} is above what {part.kind} {part.name!r} supports ({part.max_batch_size})"
                 )
-        bt = self.budget.tokens
+        bt = self.policy.resolve_budget().tokens  # the policy's budget, also in layers that read every page
         if bt is not None and bt > T:
             raise ValueError(
                 f"budget of {bt} tokens is larger than the context of {T} tokens; use a smaller budget "
@@ -154,12 +156,12 @@ class PolicyLayer:
         self.win_k[:, :, : self.win_len] = keys[:, :, n_sink + n_mid :]
         self.win_v[:, :, : self.win_len] = values[:, :, n_sink + n_mid :]
         mid_k, mid_v = keys[:, :, n_sink : n_sink + n_mid], values[:, :, n_sink : n_sink + n_mid]
-        q = queries if self.selector.needs_prompt_queries else None
+        prompt = (queries, keys) if self.selector.needs_prompt_queries else (None, None)
         self.executor = executor
-        self._run_job(self._build, mid_k, mid_v, q, n_sink)
+        self._run_job(self._build, mid_k, mid_v, prompt, n_sink)
         self.seq_len, self.prefilled = T, True
 
-    def _build(self, mid_k, mid_v, queries, n_sink: int) -> None:
+    def _build(self, mid_k, mid_v, prompt, n_sink: int) -> None:
         """Index build, CPU pool write, slot setup and ``Selector.prepare`` (see ``prefill``)."""
         t0 = time.perf_counter()
         B, H, _, D = mid_k.shape
@@ -174,7 +176,7 @@ class PolicyLayer:
         self.cpu_pool.write(layout, mid_k, mid_v, base=0)
         t2 = time.perf_counter()
         self._setup_slots(self._num_slots_needed())
-        ctx = dataclasses.replace(self.context(), prompt_queries=queries, index_offset=n_sink)
+        ctx = dataclasses.replace(self.context(), prompt_queries=prompt[0], prompt_keys=prompt[1], index_offset=n_sink)
         self.selector.prepare(mid_k, layout, ctx)
         st = self.stats
         st.build_s += time.perf_counter() - t0

@@ -77,8 +77,8 @@ class Policy:
     transfer: PartSpec = PartSpec("sync")
     page_size: int = 16
     budget: int | None = None
-    sink_pages: int | None = None  # None: 2, or 1 when the budget has fewer than 8 pages
-    window_pages: int | None = None  # None: 2, or 1 when the budget has fewer than 8 pages
+    sink_pages: int | None = None  # None: 32 tokens' worth (16 below a 128-token budget), see split()
+    window_pages: int | None = None  # None: 32 tokens' worth (16 below a 128-token budget), see split()
     dense_layers: tuple[int, ...] = ()
     search_params: SearchParams | None = None
     name: str | None = None
@@ -154,12 +154,15 @@ class Policy:
         return self._cls("selector", self.selector)
 
     def split(self) -> tuple[int, int]:
-        """(sink pages, window pages). Defaults follow the IceCache paper (2 + 2 at 256 tokens); a budget of
-        fewer than 8 pages (e.g. 64 tokens = 4 pages) would leave too little to retrieve, so it defaults to
-        1 + 1 (64 tokens = 1 sink + 1 window + 2 retrieved pages). Explicit values always win."""
-        small = self.budget is not None and self.budget // self.page_size < 8
-        sink = self.sink_pages if self.sink_pages is not None else (1 if small else 2)
-        window = self.window_pages if self.window_pages is not None else (1 if small else 2)
+        """(sink pages, window pages). Defaults follow the IceCache paper: 32 sink + 32 window tokens (2 + 2 pages
+        of 16 at 256 tokens); a budget below 128 tokens would leave too little to retrieve, so it defaults to
+        16 + 16 tokens (64 tokens = 1 sink + 1 window + 2 retrieved pages of 16). Token counts are rounded up
+        to whole pages, so every page size gets the same split (page size 1: 32 + 32 single-token pages).
+        Explicit values always win."""
+        small = self.budget is not None and self.budget < 128
+        default = -(-(16 if small else 32) // self.page_size)  # pages, rounded up
+        sink = self.sink_pages if self.sink_pages is not None else default
+        window = self.window_pages if self.window_pages is not None else default
         return sink, window
 
     def resolve_budget(self) -> Budget:

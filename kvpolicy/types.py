@@ -203,6 +203,7 @@ class SelectContext:
     # prepare() only, for selectors with ``needs_prompt_queries``: the prompt's queries (RoPE applied) and the
     # prompt position of index-local token 0 (token i of the index is prompt position index_offset + i)
     prompt_queries: torch.Tensor | None = None  # [B, Hq, T, D]
+    prompt_keys: torch.Tensor | None = None  # [B, Hkv, T, D] every prompt key (sink and window included)
     index_offset: int = 0
 
     @property
