@@ -116,7 +116,7 @@ def _index_args(items: list[str]) -> dict[str, dict]:
         head, sep, value = item.partition("=")
         name, dot, key = head.partition(".")
         if not (sep and dot and name and key):
-            raise ValueError(f"--index-arg {item!r} is not NAME.KEY=VALUE")
+            raise ValueError(f"argument {item!r} is not NAME.KEY=VALUE")
         out.setdefault(name, {})[key] = yaml.safe_load(value)
     return out
 
@@ -130,12 +130,14 @@ def cmd_ablate(args) -> int:
     reg = get_registry()
     for name in args.index:
         reg.get("index", name)  # unknown names fail before the model loads
-    reg.get("selector", args.selector)
+    for name in args.selector:
+        reg.get("selector", name.split(":", 1)[0])
     lengths = [parse_length(x) for x in args.length]
     model, tok = _load(args)
     rows = ablation_rows(model, tok, indexes=args.index, selector=args.selector, budgets=args.budget,
                          lengths=lengths, n_queries=args.queries, layers=args.layers,
-                         index_args=_index_args(args.index_arg), model_name=args.model)
+                         index_args=_index_args(args.index_arg), selector_args=_index_args(args.selector_arg),
+                         page_size=args.page_size, model_name=args.model)
     Console(width=max(140, Console().width)).print(render_ablation_table(rows))
     if args.json:
         write_jsonl(rows, args.json)
@@ -208,13 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ablate", help="indexes x budgets on a real model's keys and queries (recall, mass, speed)")
     model_args(s)
     s.add_argument("--index", type=_str_list, default=["exact", "dci_tree"], help="comma-separated index names")
-    s.add_argument("--selector", default="index_topk")
+    s.add_argument("--selector", type=_str_list, default=["index_topk"],
+                   help="comma-separated selector names; NAME:tag names a variant set by --selector-arg")
     s.add_argument("--budget", type=_int_list, default=[64, 128, 256], help="comma-separated token budgets")
     s.add_argument("--length", type=_str_list, default=["4k"], help="comma-separated lengths (4k, 8k, 4096)")
+    s.add_argument("--page-size", type=int, default=16, help="page size of every policy in the grid")
     s.add_argument("--queries", type=int, default=16, help="decode-position queries per layer")
     s.add_argument("--layers", type=_int_list, default=None, help="comma-separated layer indexes (default: all)")
     s.add_argument("--index-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="index hyperparameter, e.g. dci_tree.device=cuda (repeatable)")
+    s.add_argument("--selector-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="selector hyperparameter, e.g. arkvale:sphere.digest=sphere_max (repeatable)")
     s.add_argument("--json", default=None, help="append one JSON object per row to this file")
     s.set_defaults(fn=cmd_ablate)
     return p

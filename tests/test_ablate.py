@@ -88,3 +88,15 @@ def test_smollm2_dci_tree_recall(tmp_path):
     assert rows["exact"]["recall_at_k"] == 1.0
     assert rows["dci_tree"]["recall_at_k"] >= 0.95
     assert rows["dci_tree"]["mass_recall"] > 0.5
+
+
+def test_rows_for_several_selectors_and_variants(tiny_llama):
+    rows = ablation_rows(tiny_llama, _Tok(), indexes=["exact"], selector=["quest", "arkvale:sphere", "snapkv"],
+                         selector_args={"arkvale:sphere": {"digest": "sphere_max"}}, budgets=[64], lengths=[300],
+                         n_queries=2, progress=False)
+    assert [r["selector"] for r in rows] == ["quest", "arkvale:sphere", "snapkv"]
+    assert rows[1]["policy"]["selector"] == {"name": "arkvale", "digest": "sphere_max"}
+    assert rows[0]["selector_bytes_per_token"] > 0  # digests are reported
+    with pytest.raises(ValueError, match="reuses another layer"):
+        ablation_rows(tiny_llama, _Tok(), indexes=["exact"], selector="omnikv", budgets=[64], lengths=[300],
+                      selector_args={"omnikv": {"filter_layers": (0,)}}, n_queries=2, layers=[2], progress=False)

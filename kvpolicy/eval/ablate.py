@@ -15,7 +15,8 @@ Per query (each number averaged over queries, then layers):
 * ``search_us``: wall time of one ``Selector.select`` call (all heads of one layer, one step);
 * ``build_ms``: ``Index.build`` of the offloaded tokens of one layer; ``add_us_per_page``: ``Index.add`` of one
   page of the following real keys (null where the index has no ``add``); ``bytes_per_token``: ``Index.nbytes``
-  divided by the offloaded tokens.
+  divided by the offloaded tokens; ``selector_bytes_per_token``: the same for the selector's own metadata
+  (``Selector.nbytes`` where a selector reports it: digests, PQ codes, hash tables).
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def _one(layer_qkv: LayerQKV, layer_idx: int, policy: Policy, L: int, n_queries:
     dev = c.k.device
     k, v = c.k[:, :, :L], c.v[:, :, :L]
     pl = PolicyLayer(policy, layer_idx)
-    pl.prefill(k, v)
+    if pl.selector.follows_layer(layer_idx) is not None:
+        raise ValueError(f"selector {policy.selector.name!r} reuses another layer's selection at layer {layer_idx}; "
+                         "a single-layer ablation cannot run it")
+    pl.prefill(k, v, queries=c.q[:, :, :L] if pl.selector.needs_prompt_queries else None)
     build_ms = pl.stats.build_index_s * 1e3
     layout = full_layout(pl)
     n_sink = pl.sink_k.shape[2]
@@ -151,23 +155,33 @@ def _one(layer_qkv: LayerQKV, layer_idx: int, policy: Policy, L: int, n_queries:
     return {"layer": layer_idx, "recall_at_k": statistics.mean(rec), "mass_recall": statistics.mean(mass),
             "rel_out_error": statistics.mean(err), "search_us": statistics.median(search[1:] or search) * 1e6,
             "build_ms": build_ms, "add_us_per_page": add_us,
-            "bytes_per_token": idx.nbytes / max(idx.num_tokens, 1), "k": kk}
+            "bytes_per_token": idx.nbytes / max(idx.num_tokens, 1), "k": kk,
+            "selector_bytes_per_token": getattr(pl.selector, "nbytes", 0) / max(idx.num_tokens, 1)}
 
 
-def ablation_rows(model: Any, tokenizer: Any, *, indexes: Sequence[str], selector: str = "index_topk",
+def ablation_rows(model: Any, tokenizer: Any, *, indexes: Sequence[str], selector: str | Sequence[str] = "index_topk",
                   budgets: Sequence[int] = (64, 128, 256), lengths: Sequence[int] = (4096,), n_queries: int = 16,
                   layers: Sequence[int] | None = None, index_args: dict[str, dict[str, Any]] | None = None,
+                  selector_args: dict[str, dict[str, Any]] | None = None, page_size: int = 16,
                   model_name: str = "", progress: bool = True) -> list[dict[str, Any]]:
-    """Run the grid; one row per (length, index, budget). Everything is validated before the model runs."""
+    """Run the grid; one row per (length, selector, index, budget). ``selector`` is one name or several (each
+    crossed with every index; ``selector_args`` maps a selector name to its hyperparameters, ``NAME:tag`` keys
+    give one selector several variants, e.g. ``{"arkvale:sphere": {"digest": "sphere_max"}}``). Everything is
+    validated before the model runs."""
     from kvpolicy.eval.corpus import essay_text
 
     index_args = index_args or {}
+    selector_args = selector_args or {}
+    selectors = [selector] if isinstance(selector, str) else list(selector)
     policies = {}
-    for name in indexes:
-        for b in budgets:
-            pol = Policy(selector=selector, index={"name": name, **index_args.get(name, {})}, budget=b)
-            pol.make_parts()  # missing optional libraries fail here, before any model work
-            policies[(name, b)] = pol
+    for sname in selectors:
+        base = sname.split(":", 1)[0]
+        for name in indexes:
+            for b in budgets:
+                pol = Policy(selector={"name": base, **selector_args.get(sname, {})},
+                             index={"name": name, **index_args.get(name, {})}, budget=b, page_size=page_size)
+                pol.make_parts()  # missing optional libraries fail here, before any model work
+                policies[(sname, name, b)] = pol
     for L in lengths:
         for b in budgets:
             if b > L:
@@ -187,15 +201,15 @@ def ablation_rows(model: Any, tokenizer: Any, *, indexes: Sequence[str], selecto
             bar.update(task, description=f"{L} tokens: dense forward, capturing Q/K/V")
             qkv = capture_qkv(model, all_ids[:, : L + extra], layers=list(layers) if layers is not None else None)
             use = sorted(i for i, c in qkv.items() if not c.sliding)
-            for (name, b), pol in policies.items():
-                bar.update(task, description=f"{L} tokens: {name} @ {b}")
+            for (sname, name, b), pol in policies.items():
+                bar.update(task, description=f"{L} tokens: {sname} / {name} @ {b}")
                 per = [_one(qkv[i], i, pol, L, n_queries) for i in use]
                 mean = {key: statistics.mean(r[key] for r in per)
                         for key in ("recall_at_k", "mass_recall", "rel_out_error", "search_us", "build_ms",
-                                    "bytes_per_token")}
+                                    "bytes_per_token", "selector_bytes_per_token")}
                 adds = [r["add_us_per_page"] for r in per if r["add_us_per_page"] is not None]
                 rows.append({
-                    "model": model_name, "index": name, "selector": selector, "budget_tokens": b, "length": L,
+                    "model": model_name, "index": name, "selector": sname, "budget_tokens": b, "length": L,
                     **mean, "add_us_per_page": statistics.mean(adds) if adds else None, "k": per[0]["k"],
                     "layers": use, "n_queries": n_queries, "device": str(qkv[use[0]].k.device),
                     "git_sha": _git_sha(), "policy": pol.to_config(), "per_layer": per,
@@ -208,15 +222,16 @@ def ablation_rows(model: Any, tokenizer: Any, *, indexes: Sequence[str], selecto
 def render_ablation_table(rows: list[dict[str, Any]]):
     from rich.table import Table
 
-    t = Table(title="index ablation (means over layers and queries)")
-    for c in ("length", "index", "budget", "k", "recall@k", "mass recall", "out err", "build ms", "add µs/page",
-              "search µs", "B/token"):
-        t.add_column(c, justify="left" if c == "index" else "right")
+    t = Table(title="ablation (means over layers and queries)")
+    for c in ("length", "selector", "index", "budget", "k", "recall@k", "mass recall", "out err", "build ms", "add µs/page",
+              "search µs", "B/token", "sel B/token"):
+        t.add_column(c, justify="left" if c in ("index", "selector") else "right")
     for r in rows:
         add = "-" if r["add_us_per_page"] is None else f"{r['add_us_per_page']:.0f}"
-        t.add_row(str(r["length"]), r["index"], str(r["budget_tokens"]), str(r["k"]), f"{r['recall_at_k']:.3f}",
+        t.add_row(str(r["length"]), r["selector"], r["index"], str(r["budget_tokens"]), str(r["k"]), f"{r['recall_at_k']:.3f}",
                   f"{r['mass_recall']:.3f}", f"{r['rel_out_error']:.3f}", f"{r['build_ms']:.1f}", add,
-                  f"{r['search_us']:.0f}", f"{r['bytes_per_token']:.0f}")
+                  f"{r['search_us']:.0f}", f"{r['bytes_per_token']:.0f}",
+                  f"{r.get('selector_bytes_per_token', 0):.1f}")
     return t
 
 

@@ -50,6 +50,11 @@ class OmniKVSelector(Selector):
         self.pages = TokenPages()
         self.n = 0
 
+    @property
+    def nbytes(self) -> int:
+        """The filter layer's copy of its keys (0 in other layers)."""
+        return 0 if self.keys is None else self.keys[:, :, : self.n].nbytes
+
     def reads_every_page(self, layer: int) -> bool:
         return layer < self.filter_layers[0] or layer in self.filter_layers
 

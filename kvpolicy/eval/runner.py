@@ -1,0 +1,210 @@
+"""``kvpolicy eval``: task accuracy per (task, length, policy, budget) on a real model, resumable.
+
+For every sample the prompt's prefill runs **once**, densely, with the greedy first answer token; every policy
+whose selector does not score the prompt then decodes the rest of the answer from that prefill
+(``KVPolicyCache.from_dense``: the K/V really move to CPU pages). Policies that score the prompt at prefill
+(``needs_prompt_queries``: SnapKV, H2O) run their own prefill through the cache. SnapKV runs twice, with the
+question visible to its observation window (``snapkv``) and hidden from it (``snapkv-qhidden``: the window ends
+before the question).
+
+One JSON object per (sample, policy, budget) is appended to ``out`` as soon as it is known, so a run that stops
+can be resumed: rows already in the file (same model, task, length, sample, policy, budget, seed) are skipped.
+``kvpolicy report`` aggregates rows into tables and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
+from kvpolicy.hf import KVPolicyCache
+from kvpolicy.policy import Policy
+
+__all__ = ["EvalJob", "QHIDDEN_SUFFIX", "eval_jobs", "read_rows", "row_key", "run_eval"]
+
+QHIDDEN_SUFFIX = "-qhidden"
+REQUIRED_KEYS = ("model", "task", "length", "policy", "budget_tokens", "score", "n")
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One (policy, budget) cell; ``policy`` is resolved, ``label`` is what rows call it."""
+
+    label: str
+    budget: int | None
+    policy: Policy
+    hide_question: bool = False
+
+    @property
+    def own_prefill(self) -> bool:
+        return self.policy.selector_cls.needs_prompt_queries
+
+
+def eval_jobs(policies: Sequence[str], budgets: Sequence[int]) -> list[EvalJob]:
+    """Every (policy, budget); policies that read every page (``full``) once, unlimited; ``snapkv`` also with the
+    question hidden. Unknown names and bad budgets fail here, before any model work."""
+    jobs: list[EvalJob] = []
+    for name in policies:
+        hidden = name.endswith(QHIDDEN_SUFFIX)
+        base = Policy.resolve(name[: -len(QHIDDEN_SUFFIX)] if hidden else name)
+        if hidden and not base.selector_cls.needs_prompt_queries:
+            raise ValueError(f"{name!r}: only prefill-scoring selectors (snapkv, h2o) have a question-hidden mode")
+        if not base.selector_cls.uses_budget:
+            jobs.append(EvalJob(name, None, base.with_budget(None)))
+            continue
+        for b in budgets:
+            jobs.append(EvalJob(name, b, base.with_budget(b), hidden))
+        if base.selector.name == "snapkv" and not hidden and f"{name}{QHIDDEN_SUFFIX}" not in policies:
+            jobs += [EvalJob(f"{name}{QHIDDEN_SUFFIX}", b, base.with_budget(b), True) for b in budgets]
+    return jobs
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    return (row["model"], row["task"], row["length"], row["sample"], row["policy"], row["budget_tokens"], row["seed"])
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results file (a missing file is empty; a torn last line from an interrupted run is skipped)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _git_sha() -> str | None:
+    from kvpolicy.eval.ablate import _git_sha as sha
+
+    return sha()
+
+
+def _policy_for(job: EvalJob, sample: TaskSample) -> Policy:
+    if not job.hide_question:
+        return job.policy
+    if sample.question_span is None:
+        raise ValueError(f"task {sample.task!r} has no question span to hide")
+    offset = sample.context_tokens - sample.question_span[0]  # the window ends where the question starts
+    sel = {**job.policy.selector.to_config(), "obs_offset": offset}
+    import dataclasses
+
+    return dataclasses.replace(job.policy, selector=sel)
+
+
+@torch.inference_mode()
+def _decode(model, tokenizer, sample: TaskSample, job: EvalJob, dense, first) -> tuple[str, dict[str, int]]:
+    ids = sample.input_ids(model.device)
+    pol = _policy_for(job, sample)
+    n = sample.max_new_tokens
+    if job.own_prefill:  # the selector scores the prompt: its prefill runs through the cache
+        cache = KVPolicyCache(model, pol)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
+    else:
+        cache = KVPolicyCache.from_dense(model, pol, dense)
+        rest = model.generate(torch.cat([ids, first], 1), past_key_values=cache, max_new_tokens=max(n - 1, 1),
+                              do_sample=False)[0, ids.shape[1] + 1:]
+        out = torch.cat([first[0], rest])[:n]
+    return tokenizer.decode(out, skip_special_tokens=True), cache.memory()
+
+
+def run_eval(
+    model: Any,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    policies: Sequence[str],
+    budgets: Sequence[int],
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    samples: int,
+    out: str | Path,
+    seed: int = 0,
+    samples_source: Iterable[TaskSample] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run the grid and append rows to ``out``; return the rows written now. ``samples_source`` replaces the
+    generated samples (``--task-file``): then ``tasks``/``lengths``/``samples`` are ignored."""
+    from rich.progress import Progress
+    from transformers import DynamicCache
+
+    jobs = eval_jobs(policies, budgets)
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if samples_source is None:
+        for L in lengths:
+            if max_len and L > max_len:
+                raise ValueError(f"length {L} is beyond the model's context of {max_len} tokens")
+    done = {row_key(r) for r in read_rows(out)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    sha = _git_sha()
+    previous = model.config._attn_implementation
+    written: list[dict[str, Any]] = []
+
+    def plan() -> Iterable[tuple[int, Any]]:
+        if samples_source is not None:
+            for i, s in enumerate(samples_source):
+                yield i, s
+            return
+        for task in tasks:
+            for L in lengths:
+                for i in range(samples):
+                    yield i, (task, L)
+
+    units = list(plan())
+    with Progress(disable=not progress) as bar, open(out, "a", encoding="utf-8") as f:
+        t_all = bar.add_task("eval", total=len(units) * len(jobs))
+        for i, unit in units:
+            if isinstance(unit, TaskSample):
+                sample, task, L = unit, unit.task, unit.target_tokens
+            else:
+                task, L = unit
+                sample = None
+            keys = {j: (model_name, task, L, i, j.label, j.budget, seed) for j in jobs}
+            todo = [j for j in jobs if keys[j] not in done]
+            if not todo:
+                bar.advance(t_all, len(jobs))
+                continue
+            bar.advance(t_all, len(jobs) - len(todo))
+            if sample is None:
+                sample = make_sample(task, tokenizer, L, seed=seed * 1_000_003 + i)
+            bar.update(t_all, description=f"{task} {L}: sample {i} dense prefill ({sample.context_tokens} tokens)")
+            dense = None
+            first = None
+            if any(not j.own_prefill for j in todo):
+                with torch.inference_mode():
+                    dense = DynamicCache(config=model.config)
+                    logits = model(sample.input_ids(model.device), past_key_values=dense, use_cache=True).logits
+                    first = logits[:, -1:].argmax(-1)  # [1, 1] greedy first answer token, shared by every policy
+            for j in todo:
+                bar.update(t_all, description=f"{task} {L}: sample {i} {j.label} @ {j.budget or 'all'}")
+                t0 = time.perf_counter()
+                pred, mem = _decode(model, tokenizer, sample, j, dense, first)
+                row = {
+                    "model": model_name, "task": task, "length": L, "policy": j.label, "budget_tokens": j.budget,
+                    "score": score_sample(sample, pred), "n": 1, "sample": i, "sample_id": sample.id, "seed": seed,
+                    "depth": sample.depth, "context_tokens": sample.context_tokens, "prediction": pred,
+                    "answers": list(sample.answers), "seconds": time.perf_counter() - t0,
+                    "device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"],
+                    "index_bytes": mem["index"], "policy_config": _policy_for(j, sample).to_config(),
+                    "question_hidden": j.hide_question, "git_sha": sha, "device": str(model.device),
+                }
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                written.append(row)
+                bar.advance(t_all)
+    model.set_attn_implementation(previous)
+    return written
