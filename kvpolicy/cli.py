@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -144,6 +145,60 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from rich.console import Console
+
+    from kvpolicy.eval.ablate import parse_length
+    from kvpolicy.eval.report import markdown_report
+    from kvpolicy.eval.runner import eval_jobs, read_rows, run_eval
+    from kvpolicy.eval.tasks import resolve_tasks
+
+    policies = args.policy
+    eval_jobs(policies, args.budget)  # unknown presets and bad budgets fail before the model loads
+    err = Console(stderr=True)
+    source = None
+    tasks: list[str] = []
+    if args.task_file:
+        from kvpolicy.eval.taskfile import read_task_file
+
+        records, problems = read_task_file(args.task_file)
+        for pr in problems:
+            err.print(f"[yellow]{args.task_file}:{pr.line}: skipped: {pr.message}[/yellow]")
+        if not records:
+            raise ValueError(f"{args.task_file} holds no valid records")
+    else:
+        tasks = resolve_tasks(args.task)
+    lengths = [parse_length(x) for x in args.length]
+    model, tok = _load(args)
+    if args.task_file:
+        from kvpolicy.eval.taskfile import make_file_sample
+
+        source = [make_file_sample(r, tok) for r in records]
+    run_eval(model, tok, model_name=args.model, policies=policies, budgets=args.budget, tasks=tasks,
+             lengths=lengths, samples=args.samples, out=args.out, seed=args.seed, samples_source=source)
+    Console().print(markdown_report(read_rows(args.out)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kvpolicy.eval.report import markdown_report, plot_report
+    from kvpolicy.eval.runner import read_rows
+
+    for path in args.results:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"results file {path!r} does not exist")
+    rows = [r for path in args.results for r in read_rows(path)]
+    text = markdown_report(rows)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(text)
+    if args.plots:
+        for p in plot_report(rows, args.plots):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from rich.console import Console
 
@@ -206,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=DEMO_SEED, help="haystack seed (picks the essay text and key)")
     s.add_argument("--json", default=None, help="also write one JSON object per row to this file")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("eval", help="task accuracy per policy, budget, task and length (resumable JSONL)")
+    model_args(s)
+    s.add_argument("--policy", type=_str_list, default=["full", "oracle", "icecache", "quest", "streaming"],
+                   help="comma-separated presets; snapkv also runs as snapkv-qhidden")
+    s.add_argument("--budget", type=_int_list, default=[64, 128, 256, 512], help="comma-separated token budgets")
+    s.add_argument("--task", default="passkey", help="ruler, passkey, or comma-separated task names")
+    s.add_argument("--task-file", default=None, help="JSONL with context, question, answers (and id) per line")
+    s.add_argument("--length", type=_str_list, default=["4k"], help="comma-separated lengths (4k, 8k, 4096)")
+    s.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="results JSONL (appended; finished rows are skipped)")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("report", help="markdown tables and PNG plots from eval results")
+    s.add_argument("results", nargs="+", help="results JSONL files")
+    s.add_argument("--markdown", default=None, help="also write the tables to this file")
+    s.add_argument("--plots", default=None, help="directory for the PNG plots")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ablate", help="indexes x budgets on a real model's keys and queries (recall, mass, speed)")
     model_args(s)

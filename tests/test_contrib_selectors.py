@@ -52,7 +52,7 @@ def _exact_top_pages(q, keys, n_sink, S, k):
 
 
 # ------------------------------------------------------------------ end to end on a model
-@pytest.mark.parametrize("preset", ["quest", "arkvale", "pqcache", "omnikv", "h2o"])
+@pytest.mark.parametrize("preset", ["quest", "arkvale", "pqcache", "magicpig", "omnikv", "h2o"])
 def test_unlimited_budget_reproduces_dense(model, preset):
     ids = _ids(300)
     ref = model.generate(ids, max_new_tokens=24, do_sample=False)[:, 300:]
@@ -195,7 +195,7 @@ def test_magicpig_samples_aligned_keys_and_never_opposite_ones():
     mean = keys[:, :, 16:-16].mean(2)
     keys[0, 0, 16 + 16 * 5 + 2] = mean[0, 0] + 5 * q[0, 0]  # same direction as q after centring: all tables collide
     keys[0, 0, 16 + 16 * 7 + 2] = mean[0, 0] - 5 * q[0, 0]  # opposite: never collides
-    st = _layer({"name": "magicpig", "K": 8, "L": 40}, keys, keys.clone(), budget=None, sink_pages=1, window_pages=1)
+    st = _layer({"name": "magicpig", "K": 8, "L": 40}, keys, keys.clone(), budget=16 * 21, sink_pages=1, window_pages=1)
     sel = st.selector.select(q, st.context())
     ids = sel.page_ids[0, 0].tolist()
     assert ids[0] == 5  # full collision count ranks first
@@ -204,8 +204,10 @@ def test_magicpig_samples_aligned_keys_and_never_opposite_ones():
     qh = mp._hash(q.float())
     opp = mp.codes[0, 0, 16 * 7 + 2]
     assert int((opp == qh[0, 0]).sum()) == 0
-    # an unlimited budget loads only the sampled pages, not every page
-    assert sel.valid.sum() < int(st.index.num_pages.max())
+    # a budget of every page still loads only the sampled pages; an unlimited budget reads them all
+    assert sel.k == st.budget.retrieved_pages == 19 and sel.valid.sum() < sel.k
+    full = _layer({"name": "magicpig", "K": 8, "L": 40}, keys, keys.clone(), budget=None, sink_pages=1, window_pages=1)
+    assert int(full.selector.select(q, full.context()).valid.sum()) == int(full.index.num_pages.max())
 
 
 # ------------------------------------------------------------------ snapkv

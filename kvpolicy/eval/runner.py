@@ -33,7 +33,7 @@ QHIDDEN_SUFFIX = "-qhidden"
 REQUIRED_KEYS = ("model", "task", "length", "policy", "budget_tokens", "score", "n")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EvalJob:
     """One (policy, budget) cell; ``policy`` is resolved, ``label`` is what rows call it."""
 
@@ -150,6 +150,11 @@ def run_eval(
                 raise ValueError(f"length {L} is beyond the model's context of {max_len} tokens")
     done = {row_key(r) for r in read_rows(out)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if Path(out).exists() and Path(out).stat().st_size:
+        with open(out, "rb+") as f:  # a run killed mid-line left a torn row: end it, so new rows start clean
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     sha = _git_sha()
     previous = model.config._attn_implementation
     written: list[dict[str, Any]] = []
@@ -173,8 +178,7 @@ def run_eval(
             else:
                 task, L = unit
                 sample = None
-            keys = {j: (model_name, task, L, i, j.label, j.budget, seed) for j in jobs}
-            todo = [j for j in jobs if keys[j] not in done]
+            todo = [j for j in jobs if (model_name, task, L, i, j.label, j.budget, seed) not in done]
             if not todo:
                 bar.advance(t_all, len(jobs))
                 continue

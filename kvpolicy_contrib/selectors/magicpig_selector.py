@@ -20,7 +20,7 @@ class MagicPIGSelector(Selector):
     is *sampled* for a query when its hash equals the query's in at least ``min_collisions`` tables; the pages
     holding sampled tokens are ranked by their best collision count (summed over the GQA group's query heads)
     and at most the budget's pages are loaded. Rows with fewer sampled pages load fewer pages (MagicPIG's
-    sample size adapts to the query in the same way).
+    sample size adapts to the query in the same way); an unlimited budget reads every page, sampled ones first.
 
     Defaults follow the MagicPIG paper's Llama-3.1-8B setting, ``(K, L) = (10, 150)``, a token counting as
     sampled at two collisions or more; preset ``magicpig`` uses single-token pages. ``center_keys`` subtracts
@@ -108,6 +108,7 @@ class MagicPIGSelector(Selector):
             hits[..., s : s + step] = (c == qh).sum(-1, dtype=torch.int32)
         sampled = hits >= self.min_collisions  # [B, H, G, n]
         token = torch.where(sampled, hits.float(), 0.0).sum(2)  # [B, H, n] collisions over the group's heads
-        token = token.masked_fill(~sampled.any(2), float("-inf"))
+        # unsampled tokens: never loaded, except under an unlimited budget (which reads every page, as everywhere)
+        token = token.masked_fill(~sampled.any(2), -1.0 if ctx.budget.unlimited else float("-inf"))
         scores = self.pages.reduce(token, P, "max")  # [B, H, P]
         return rank_pages(scores.masked_fill(~page_valid(ctx, P, dev), float("-inf")), ctx.k)

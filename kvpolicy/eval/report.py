@@ -1,0 +1,179 @@
+"""``kvpolicy report``: markdown tables and PNG plots from ``kvpolicy eval`` rows.
+
+Rows are per (sample, policy, budget); a cell's score is the mean over its samples, ``n`` their count. Tables:
+score per task x policy x budget (one table per length), the average over tasks, and the average relative to
+``full`` (the dense cache) of the same model and length. Plots: accuracy vs budget per policy (one panel per
+length), accuracy vs length per policy (at each budget), and, where rows carry ``per_layer_head`` fidelity
+matrices (``kvpolicy eval --fidelity``), a heatmap per policy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+__all__ = ["aggregate", "markdown_report", "plot_report"]
+
+FULL = "full"
+
+
+def _budget_label(b: int | None) -> str:
+    return "all" if b is None else str(b)
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> dict[tuple, tuple[float, int]]:
+    """(model, length, task, policy, budget) -> (mean score, samples)."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        if "score" not in r:
+            continue
+        acc[(r["model"], r["length"], r["task"], r["policy"], r["budget_tokens"])].append(float(r["score"]) * r.get("n", 1))
+    return {k: (mean(v), len(v)) for k, v in acc.items()}
+
+
+def _policies(cells) -> list[str]:
+    names = list(dict.fromkeys(k[3] for k in cells))
+    return ([FULL] if FULL in names else []) + [n for n in names if n != FULL]
+
+
+def markdown_report(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per (model, length) a task x (policy, budget) table with the average and the ratio to ``full``."""
+    cells = aggregate(rows)
+    if not cells:
+        return "_no rows with a score_\n"
+    out: list[str] = []
+    for model, length in sorted({(k[0], k[1]) for k in cells}, key=lambda x: (x[0], x[1])):
+        mine = {k: v for k, v in cells.items() if k[0] == model and k[1] == length}
+        tasks = list(dict.fromkeys(k[2] for k in mine))
+        budgets = sorted({k[4] for k in mine if k[4] is not None})
+        out.append(f"### {model}, {length} tokens\n")
+        out.append("| policy | budget | " + " | ".join(tasks) + " | average | vs full | n |")
+        out.append("| --- | ---: |" + " ---: |" * (len(tasks) + 3))
+        full_avg = None
+        fk = [mine.get((model, length, t, FULL, None)) for t in tasks]
+        if all(fk):
+            full_avg = mean(v[0] for v in fk)
+        for pol in _policies(mine):
+            for b in [None] if any(k[3] == pol and k[4] is None for k in mine) else budgets:
+                vals = [mine.get((model, length, t, pol, b)) for t in tasks]
+                if not any(vals):
+                    continue
+                scores = [f"{100 * v[0]:.1f}" if v else "-" for v in vals]
+                have = [v[0] for v in vals if v]
+                avg = mean(have)
+                complete = all(vals)
+                rel = f"{100 * avg / full_avg:.0f}%" if full_avg and complete else ("n/a" if complete else "-")
+                n = min(v[1] for v in vals if v)
+                out.append(f"| {pol} | {_budget_label(b)} | " + " | ".join(scores)
+                           + f" | {100 * avg:.1f}{'' if complete else '*'} | {rel} | {n} |")
+        out.append("")
+    out.append("Scores are percentages (RULER string match); `n` is the smallest number of samples of a cell; "
+               "`*` marks an average over fewer tasks than the table has.\n")
+    return "\n".join(out)
+
+
+def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write the PNG plots; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = aggregate(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for model in sorted({k[0] for k in cells}):
+        mine = {k: v for k, v in cells.items() if k[0] == model}
+        lengths = sorted({k[1] for k in mine})
+        budgets = sorted({k[4] for k in mine if k[4] is not None})
+        pols = _policies(mine)
+
+        def avg(length, pol, b, mine=mine, model=model):
+            tasks = {k[2] for k in mine if k[1] == length}
+            vals = [mine.get((model, length, t, pol, b)) for t in tasks]
+            return mean(v[0] for v in vals) if vals and all(vals) else None
+
+        # accuracy vs budget, one panel per length
+        fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False, sharey=True)
+        for ax, length in zip(axes[0], lengths):
+            for pol in pols:
+                if pol == FULL or any(k[3] == pol and k[4] is None for k in mine):
+                    y = avg(length, pol, None)
+                    if y is not None:
+                        ax.axhline(100 * y, ls="--", lw=1, color="k" if pol == FULL else None, label=f"{pol} (all)")
+                    continue
+                pts = [(b, avg(length, pol, b)) for b in budgets]
+                pts = [(b, y) for b, y in pts if y is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.set_title(f"{length} tokens")
+            ax.set_xlabel("budget (tokens)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("average score (%)")
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.suptitle(f"{model}: accuracy vs budget")
+        fig.tight_layout()
+        p = out_dir / f"{model}_accuracy_vs_budget.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(p)
+
+        if len(lengths) > 1:  # accuracy vs length, one panel per budget
+            fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 3.6), squeeze=False, sharey=True)
+            for ax, b in zip(axes[0], budgets):
+                for pol in pols:
+                    bb = None if pol == FULL or any(k[3] == pol and k[4] is None for k in mine) else b
+                    pts = [(L, avg(L, pol, bb)) for L in lengths]
+                    pts = [(L, y) for L, y in pts if y is not None]
+                    if pts:
+                        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol,
+                                ls="--" if bb is None else "-")
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(lengths, [f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in lengths])
+                ax.set_title(f"budget {b}")
+                ax.set_xlabel("context (tokens)")
+                ax.grid(alpha=0.3)
+            axes[0][0].set_ylabel("average score (%)")
+            axes[0][-1].legend(fontsize=7, loc="best")
+            fig.suptitle(f"{model}: accuracy vs context length")
+            fig.tight_layout()
+            p = out_dir / f"{model}_accuracy_vs_length.png"
+            fig.savefig(p, dpi=120)
+            plt.close(fig)
+            written.append(p)
+    written += _fidelity_heatmaps(rows, out_dir, plt)
+    return written
+
+
+def _fidelity_heatmaps(rows, out_dir: Path, plt) -> list[Path]:
+    """One heatmap per (model, policy, budget) of rows with ``per_layer_head`` mass recall [layers x heads]."""
+    import numpy as np
+
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        if "per_layer_head" in r:
+            groups[(r["model"], r["policy"], r["budget_tokens"], r.get("metric", "mass_recall"))].append(r)
+    written = []
+    for (model, pol, b, metric), rs in groups.items():
+        mats = np.array([r["per_layer_head"] for r in rs], dtype=float)  # [n, layers, heads]
+        m = mats.mean(0)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.5 * m.shape[1], 0.8 + 0.25 * m.shape[0]))
+        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1 if metric == "mass_recall" else None)
+        layers = rs[0].get("layers", list(range(m.shape[0])))
+        ax.set_yticks(range(m.shape[0]), [str(x) for x in layers])
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{pol} @ {_budget_label(b)}: {metric}", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        p = out_dir / f"{model}_{metric}_{pol}_{_budget_label(b)}.png".replace(":", "-").replace("/", "-")
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(p)
+    return written

