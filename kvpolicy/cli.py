@@ -166,7 +166,7 @@ def cmd_eval(args) -> int:
             err.print(f"[yellow]{args.task_file}:{pr.line}: skipped: {pr.message}[/yellow]")
         if not records:
             raise ValueError(f"{args.task_file} holds no valid records")
-    else:
+    elif args.task != "none":
         tasks = resolve_tasks(args.task)
     lengths = [parse_length(x) for x in args.length]
     model, tok = _load(args)
@@ -175,7 +175,8 @@ def cmd_eval(args) -> int:
 
         source = [make_file_sample(r, tok) for r in records]
     run_eval(model, tok, model_name=args.model, policies=policies, budgets=args.budget, tasks=tasks,
-             lengths=lengths, samples=args.samples, out=args.out, seed=args.seed, samples_source=source)
+             lengths=lengths, samples=args.samples, out=args.out, seed=args.seed, samples_source=source,
+             fidelity=args.fidelity)
     Console().print(markdown_report(read_rows(args.out)))
     return 0
 
@@ -267,12 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", type=_str_list, default=["full", "oracle", "icecache", "quest", "streaming"],
                    help="comma-separated presets; snapkv also runs as snapkv-qhidden")
     s.add_argument("--budget", type=_int_list, default=[64, 128, 256, 512], help="comma-separated token budgets")
-    s.add_argument("--task", default="passkey", help="ruler, passkey, or comma-separated task names")
+    s.add_argument("--task", default="passkey",
+                   help="ruler, passkey, comma-separated task names, or none (with --fidelity)")
     s.add_argument("--task-file", default=None, help="JSONL with context, question, answers (and id) per line")
     s.add_argument("--length", type=_str_list, default=["4k"], help="comma-separated lengths (4k, 8k, 4096)")
     s.add_argument("--samples", type=int, default=4, help="samples per task and length")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="results JSONL (appended; finished rows are skipped)")
+    s.add_argument("--fidelity", action="store_true",
+                   help="also measure attention fidelity per layer/head and perplexity on the essays, per length")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("report", help="markdown tables and PNG plots from eval results")

@@ -95,3 +95,22 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["eval", "--task", "niah_singel_1", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "niah_single_1" in capsys.readouterr().err  # the suggestion
     assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_fidelity_rows_and_report(model, tok, tmp_path):
+    out = tmp_path / "f.jsonl"
+    kw = dict(KW, policies=["full", "quest", "omnikv", "snapkv"], tasks=[], lengths=[600], fidelity=True,
+              fidelity_queries=2, continuation=6)
+    rows = run_eval(model, tok, out=out, **kw)
+    by = {(r["policy"], r["budget_tokens"]): r for r in rows}
+    assert set(by) == {("full", None), ("quest", 64), ("omnikv", 64), ("snapkv", 64), ("snapkv-qhidden", 64)}
+    full = by[("full", None)]
+    assert full["mass_recall"] == pytest.approx(1.0) and full["rel_out_error"] < 1e-4
+    assert full["ppl"] == pytest.approx(full["ppl_full"], rel=1e-3)  # the full cache decodes like the dense one
+    q = by[("quest", 64)]
+    assert len(q["per_layer_head"]) == 4 and len(q["per_layer_head"][0]) == 2
+    assert q["per_layer_head"][0] == [1.0, 1.0]  # layers 0-1 are dense in the quest preset
+    assert 0 < q["mass_recall"] < 1.0 and q["rel_out_error"] > 0 and q["continuation_tokens"] == 6
+    assert run_eval(model, tok, out=out, **kw) == []  # resumed: nothing left
+    md = markdown_report(read_rows(out))
+    assert "Attention fidelity" in md and "| tiny | 600 | quest | 64 |" in md

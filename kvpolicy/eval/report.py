@@ -43,7 +43,7 @@ def markdown_report(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per (model, length) a task x (policy, budget) table with the average and the ratio to ``full``."""
     cells = aggregate(rows)
     if not cells:
-        return "_no rows with a score_\n"
+        return "\n".join(["_no rows with a task score_\n", *_fidelity_markdown(rows)])
     out: list[str] = []
     for model, length in sorted({(k[0], k[1]) for k in cells}, key=lambda x: (x[0], x[1])):
         mine = {k: v for k, v in cells.items() if k[0] == model and k[1] == length}
@@ -72,7 +72,24 @@ def markdown_report(rows: Sequence[dict[str, Any]]) -> str:
         out.append("")
     out.append("Scores are percentages (RULER string match); `n` is the smallest number of samples of a cell; "
                "`*` marks an average over fewer tasks than the table has.\n")
+    out += _fidelity_markdown(rows)
     return "\n".join(out)
+
+
+def _fidelity_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    fid = [r for r in rows if r.get("task") == "fidelity" and "mass_recall" in r]
+    if not fid:
+        return []
+    out = ["### Attention fidelity and perplexity (essays)\n",
+           "| model | length | policy | budget | mass recall | output error | ppl | ppl / full |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in fid:
+        out.append(f"| {r['model']} | {r['length']} | {r['policy']} | {_budget_label(r['budget_tokens'])} | "
+                   f"{r['mass_recall']:.3f} | {r['rel_out_error']:.3f} | {r['ppl']:.2f} | "
+                   f"{r['ppl'] / r['ppl_full']:.3f} |")
+    out.append("\nMass recall and output error are means over layers, KV heads and decode-position queries "
+               "(dense layers count as exact); perplexity is teacher-forced over the tokens after the prompt.\n")
+    return out
 
 
 def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:

@@ -135,10 +135,15 @@ def run_eval(
     out: str | Path,
     seed: int = 0,
     samples_source: Iterable[TaskSample] | None = None,
+    fidelity: bool = False,
+    fidelity_queries: int = 8,
+    continuation: int = 64,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the grid and append rows to ``out``; return the rows written now. ``samples_source`` replaces the
-    generated samples (``--task-file``): then ``tasks``/``lengths``/``samples`` are ignored."""
+    generated samples (``--task-file``): then ``tasks``/``lengths``/``samples`` are ignored. ``fidelity`` adds,
+    per length, one row per (policy, budget) of attention fidelity and perplexity on the essays
+    (``kvpolicy.eval.fidelity``)."""
     from rich.progress import Progress
     from transformers import DynamicCache
 
@@ -210,5 +215,20 @@ def run_eval(
                 f.flush()
                 written.append(row)
                 bar.advance(t_all)
+        if fidelity:
+            from kvpolicy.eval.fidelity import fidelity_rows
+
+            for L in lengths:
+                def skip(j, L=L):
+                    return (model_name, "fidelity", L, 0, j.label, j.budget, seed) in done
+
+                bar.update(t_all, description=f"fidelity {L}: capture, perplexity of the full cache")
+                for _, row in fidelity_rows(model, tokenizer, jobs, L, n_queries=fidelity_queries,
+                                            continuation=continuation, skip=skip):
+                    row = {"model": model_name, **row, "sample": 0, "seed": seed, "git_sha": sha,
+                           "device": str(model.device)}
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    written.append(row)
     model.set_attn_implementation(previous)
     return written
