@@ -174,7 +174,7 @@ def cmd_eval(args) -> int:
         from kvpolicy.eval.taskfile import make_file_sample
 
         source = [make_file_sample(r, tok) for r in records]
-    run_eval(model, tok, model_name=args.model, policies=policies, budgets=args.budget, tasks=tasks,
+    run_eval(model, tok, model_name=args.model_name or args.model, policies=policies, budgets=args.budget, tasks=tasks,
              lengths=lengths, samples=args.samples, out=args.out, seed=args.seed, samples_source=source,
              fidelity=args.fidelity)
     Console().print(markdown_report(read_rows(args.out)))
@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=4, help="samples per task and length")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="results JSONL (appended; finished rows are skipped)")
+    s.add_argument("--model-name", default=None, help="the model's name in the rows (default: --model)")
     s.add_argument("--fidelity", action="store_true",
                    help="also measure attention fidelity per layer/head and perplexity on the essays, per length")
     s.set_defaults(fn=cmd_eval)

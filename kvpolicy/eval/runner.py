@@ -153,7 +153,7 @@ def run_eval(
         for L in lengths:
             if max_len and L > max_len:
                 raise ValueError(f"length {L} is beyond the model's context of {max_len} tokens")
-    done = {row_key(r) for r in read_rows(out)}
+    done = {row_key(r) for r in read_rows(out) if "error" not in r}  # failed cells are tried again
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if Path(out).exists() and Path(out).stat().st_size:
         with open(out, "rb+") as f:  # a run killed mid-line left a torn row: end it, so new rows start clean
@@ -201,7 +201,15 @@ def run_eval(
             for j in todo:
                 bar.update(t_all, description=f"{task} {L}: sample {i} {j.label} @ {j.budget or 'all'}")
                 t0 = time.perf_counter()
-                pred, mem = _decode(model, tokenizer, sample, j, dense, first)
+                try:
+                    pred, mem = _decode(model, tokenizer, sample, j, dense, first)
+                except (RuntimeError, ValueError, NotImplementedError) as e:  # one cell fails, the grid goes on
+                    bar.console.print(f"[red]{task} {L} sample {i} {j.label} @ {j.budget}: {type(e).__name__}: {e}")
+                    row = {"model": model_name, "task": task, "length": L, "policy": j.label, "sample": i,
+                           "budget_tokens": j.budget, "seed": seed, "error": f"{type(e).__name__}: {e}"}
+                    f.write(json.dumps(row) + "\n")
+                    bar.advance(t_all)
+                    continue
                 row = {
                     "model": model_name, "task": task, "length": L, "policy": j.label, "budget_tokens": j.budget,
                     "score": score_sample(sample, pred), "n": 1, "sample": i, "sample_id": sample.id, "seed": seed,
