@@ -19,14 +19,11 @@ import time
 
 import torch
 
+from kvpolicy.bench.decode import CONFIGS
 from kvpolicy.hf import KVPolicyCache
 from kvpolicy.policy import Policy
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                 rope_theta=500000.0, rms_norm_eps=1e-5,
-                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+LLAMA3_8B = CONFIGS["llama3-8b"]
 
 
 def load(args):

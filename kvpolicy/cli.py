@@ -1,4 +1,5 @@
-"""The ``kvpolicy`` command: ``plugins``, ``models``, ``generate``, ``demo``."""
+"""The ``kvpolicy`` command: ``plugins``, ``models``, ``generate``, ``demo``, ``eval``, ``report``, ``ablate``,
+``bench decode``."""
 
 from __future__ import annotations
 
@@ -225,6 +226,42 @@ DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS (kept import
 DEMO_SEED = 1
 
 
+def cmd_bench_decode(args) -> int:
+    import platform
+
+    import torch
+
+    from kvpolicy.bench.decode import (
+        DecodeBenchConfig,
+        bench_decode,
+        load_bench_model,
+        plot_decode,
+        print_table,
+        write_json,
+    )
+    from kvpolicy.eval.ablate import _git_sha, parse_length
+    from kvpolicy.policy import Policy
+
+    lengths = [parse_length(x) for x in args.length]
+    for name in args.policy:
+        Policy.resolve(name, budget=args.budget)  # validate before loading the model
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
+    cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,
+                            breakdown_steps=args.breakdown_steps, dense=not args.no_dense,
+                            index_device=args.index_device)
+    rows = bench_decode(model, cfg, model_name=model_name)
+    print_table(rows)
+    meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
+            else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg)}
+    if args.json:
+        write_json(rows, args.json, meta)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_decode(rows, args.plot)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvpolicy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -302,6 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="selector hyperparameter, e.g. arkvale:sphere.digest=sphere_max (repeatable)")
     s.add_argument("--json", default=None, help="append one JSON object per row to this file")
     s.set_defaults(fn=cmd_ablate)
+
+    bench = sub.add_parser("bench", help="latency and memory benchmarks").add_subparsers(dest="bench", required=True)
+    s = bench.add_parser("decode", help="time per output token, its breakdown and memory vs dense decoding")
+    s.add_argument("--model", default=None, help="alias, GGUF file or HF checkpoint dir (real weights)")
+    s.add_argument("--config", default="llama3-8b", help="random-weight configuration when --model is not given")
+    s.add_argument("--dtype", default=None, help="bfloat16 (default), float16, float32")
+    s.add_argument("--device", default=None, help="cuda if available, else cpu")
+    s.add_argument("--policy", type=_str_list, default=["icecache"], help="comma-separated presets")
+    s.add_argument("--budget", type=_budget, default=256, help="tokens (e.g. 256) or 'all'")
+    s.add_argument("--length", type=_str_list, default=["8k"], help="comma-separated context lengths (8k,32k)")
+    s.add_argument("--steps", type=int, default=32, help="timed decode steps per run")
+    s.add_argument("--breakdown-steps", type=int, default=8, help="further device-synced steps for the breakdown")
+    s.add_argument("--index-device", default=None, help="put the policies' index on this device (cpu, cuda)")
+    s.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    s.add_argument("--json", default=None, help="write {meta, rows} JSON here")
+    s.add_argument("--plot", default=None, help="write the time-per-token plot (PNG) here")
+    s.set_defaults(fn=cmd_bench_decode)
     return p
 
 

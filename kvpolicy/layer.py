@@ -67,6 +67,8 @@ class PolicyLayer:
             self.budget = dataclasses.replace(self.budget, retrieved_pages=None)
         self.allocator, self.transfer = parts.allocator, parts.transfer
         self.validate = validate  # check every Selection (tests, conformance); off on the hot path
+        self.sync_timing = False  # synchronise the device at each phase boundary so LayerStats times are device
+        # times (benchmark breakdowns); off by default: the decode path then never waits for the device
         self.stats = LayerStats()
         self.last_selection: Selection | None = None
         self.last_add_layout = None  # layout returned by the last Index.add (read by mirror layers)
@@ -279,7 +281,7 @@ class PolicyLayer:
         self._append(key, value)
         self.seq_len += 1
         st = self.stats
-        t0 = time.perf_counter()
+        t0 = self._now()
         ctx = self.context(scaling, prev_selection)
         if self.index.num_tokens:
             sel = self.selector.select(query, ctx)
@@ -289,7 +291,7 @@ class PolicyLayer:
                     raise ValueError(f"selector {self.selector.name!r} returned {sel.k} pages > budget {ctx.k}")
         else:
             sel = Selection(page_ids=torch.full((B, H, 0), PAD, dtype=torch.int64))
-        t1 = time.perf_counter()
+        t1 = self._now()
         if sel.k > self.allocator.num_slots:
             self._setup_slots(max(sel.k, 2 * self.allocator.num_slots))  # unlimited budget: grow the working set
         res = self.allocator.reserve(sel)
@@ -297,18 +299,18 @@ class PolicyLayer:
             self.cpu_pool, torch.where(res.missing, res.page_ids, PAD), self.gpu_pool, res.slots
         )
         self.transfer.wait(handle)
-        t2 = time.perf_counter()
+        t2 = self._now()
         gp = self.gpu_pool
         out = paged_decode_attention(
             query, self.sink_k, self.sink_v, gp.k, gp.v, gp.lengths, res.slots.to(self.device),
             self.win_k[:, :, : self.win_len], self.win_v[:, :, : self.win_len], scaling, softcap,
         )
         self.allocator.release(res)
-        t3 = time.perf_counter()
+        t3 = self._now()
         self.last_selection = sel
         if self.win_len == self.win_k.shape[2]:
             self._flush_window_page()
-        t4 = time.perf_counter()
+        t4 = self._now()
         self.step += 1
         st.steps += 1
         st.pages_selected += int((sel.page_ids >= 0).sum())
@@ -319,6 +321,11 @@ class PolicyLayer:
         st.attention_s += t3 - t2
         st.insert_s += t4 - t3
         return out
+
+    def _now(self) -> float:
+        if self.sync_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _append(self, key: torch.Tensor, value: torch.Tensor) -> None:
         if self.sink_k.shape[2] < self.budget.sink_tokens:  # short prompt: the sink fills first

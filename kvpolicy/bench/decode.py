@@ -1,0 +1,300 @@
+"""``kvpolicy bench decode``: decode latency and memory of policies against dense decoding, in one run.
+
+For every context length the same random prompt is run through each variant: ``dense`` (transformers'
+``DynamicCache``, the whole cache on the compute device, SDPA) and one row per policy (``KVPolicyCache``).
+Per variant:
+
+* ``ttft_s``: prefill of the prompt to the first token's logits (device synchronised);
+* ``ttst_s``: ``ttft_s`` plus the first decode step (which waits for background index builds);
+* ``tpot_ms``: median time per output token over ``steps`` further steps, one forward each, synchronised
+  after each step as a generation loop that checks for EOS would be (``tpot_mean_ms`` too);
+* a breakdown over ``breakdown_steps`` more steps with ``PolicyLayer.sync_timing`` on (the device is
+  synchronised at each phase boundary, so the phases are device times; these steps are slower than the
+  plain ones and are reported apart): ``select_ms``, ``transfer_ms``, ``attention_ms``, ``insert_ms`` summed
+  over layers per step, and ``rest_ms`` = the step minus those (the rest of the model);
+* ``transfer_gbps``: bytes moved host-to-device / transfer time in the breakdown steps;
+* memory: ``device_kv_bytes``, ``cpu_kv_bytes``, ``index_bytes`` (accounting of the cache),
+  ``device_kv_fraction`` = device KV / (device + CPU KV), and the device's peak allocated bytes.
+
+Prompts are random token ids: this measures latency, never accuracy. ``--config llama3-8b`` builds the
+Llama-3.1-8B configuration with random bf16 weights; ``--model`` loads a packaged or local model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CONFIGS", "DecodeBenchConfig", "bench_decode", "load_bench_model", "plot_decode", "print_table", "write_json"]
+
+# Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json: 32 layers, 32 q / 8 kv heads, head_dim 128, llama3 RoPE)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    # a few-MB Llama with the same structure (GQA 4, head_dim 64): smoke runs and tests on a CPU
+    "tiny-llama": dict(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=8192,
+    ),
+}
+
+
+@dataclass
+class DecodeBenchConfig:
+    policies: list[str]
+    budget: int | None = 256
+    lengths: list[int] = field(default_factory=lambda: [8192])
+    steps: int = 32
+    breakdown_steps: int = 8
+    dense: bool = True
+    index_device: str | None = None  # None: the policy's own default
+    seed: int = 0
+
+
+def load_bench_model(model: str | None, config: str | None, device: str, dtype: str | None = "bfloat16"):
+    """A packaged/local model (real weights) or a named configuration with random weights."""
+    if model:
+        from kvpolicy.models import load
+
+        return load(model, dtype=dtype, device=device)[0], model
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            m = LlamaForCausalLM(LlamaConfig(**CONFIGS[config], attn_implementation="sdpa"))
+    finally:
+        torch.set_default_dtype(prev)
+    return m.eval(), f"{config} (random bf16 weights)"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _policy_layers(cache) -> list:
+    return [cache.layers[i].state for i in getattr(cache, "policy_layers", [])]
+
+
+def _kv_bytes(cache) -> dict[str, int]:
+    from kvpolicy.hf import KVPolicyCache
+
+    if isinstance(cache, KVPolicyCache):
+        return cache.memory()
+    dev = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers if getattr(x, "keys", None) is not None)
+    return {"device_kv": dev, "cpu_kv": 0, "index": 0}
+
+
+@torch.inference_mode()
+def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dict[str, Any]:
+    dev = model.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1:].argmax(-1)
+    _sync(dev)
+    ttft = time.perf_counter() - t0
+
+    def step() -> float:
+        nonlocal nxt
+        t = time.perf_counter()
+        o = model(nxt, past_key_values=cache, use_cache=True)
+        nxt = o.logits[:, -1:].argmax(-1)
+        _sync(dev)
+        return time.perf_counter() - t
+
+    first = step()
+    times = [step() for _ in range(cfg.steps)]
+    row: dict[str, Any] = {
+        "ttft_s": ttft, "ttst_s": ttft + first, "tpot_ms": statistics.median(times) * 1e3,
+        "tpot_mean_ms": statistics.fmean(times) * 1e3, "step_times_ms": [round(t * 1e3, 3) for t in times],
+    }
+    layers = _policy_layers(cache)
+    if layers and cfg.breakdown_steps:
+        for la in layers:
+            la.wait_ready()
+        before = [dict(vars(la.stats)) for la in layers]
+        for la in layers:
+            la.sync_timing = True
+        try:
+            bt = [step() for _ in range(cfg.breakdown_steps)]
+        finally:
+            for la in layers:
+                la.sync_timing = False
+        n = cfg.breakdown_steps
+        delta = {k: sum(vars(la.stats)[k] - b[k] for la, b in zip(layers, before)) for k in before[0]}
+        parts = {f"{k}_ms": delta[f"{k}_s"] / n * 1e3 for k in ("select", "transfer", "attention", "insert")}
+        step_ms = statistics.fmean(bt) * 1e3
+        row.update(parts)
+        row["breakdown_step_ms"] = step_ms
+        row["rest_ms"] = step_ms - sum(parts.values())
+        row["pages_moved_per_step"] = delta["pages_moved"] / n
+        row["bytes_moved_per_step"] = delta["bytes_moved"] / n
+        row["transfer_gbps"] = delta["bytes_moved"] / delta["transfer_s"] / 1e9 if delta["transfer_s"] else None
+    mem = _kv_bytes(cache)
+    tot = mem["device_kv"] + mem["cpu_kv"]
+    row.update({"device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"], "index_bytes": mem["index"],
+                "device_kv_fraction": mem["device_kv"] / tot if tot else None})
+    return row
+
+
+@torch.inference_mode()
+def _warmup(model) -> None:
+    """One short dense prefill and a few steps, so the first timed run pays no lazy initialisation."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache(config=model.config)
+    out = model(ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    for _ in range(3):
+        out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    _sync(model.device)
+
+
+def bench_decode(model, cfg: DecodeBenchConfig, *, model_name: str = "", progress: bool = True) -> list[dict]:
+    """Run every (length, variant) of ``cfg``; one row per pair (an ``error`` key when it failed)."""
+    from transformers import DynamicCache
+
+    from kvpolicy.hf import KVPolicyCache
+    from kvpolicy.policy import Policy
+
+    dev = model.device
+    pols = {}
+    for name in cfg.policies:  # resolve everything before the first prefill: bad names fail fast
+        pol = Policy.resolve(name, budget=cfg.budget)
+        if cfg.index_device and pol.index is not None:
+            pol = Policy.from_config({**pol.to_config(), "index": {**pol.index.to_config(), "device": cfg.index_device}})
+        pols[name] = pol
+    variants: list[tuple[str, Any]] = ([("dense", None)] if cfg.dense else []) + list(pols.items())
+    _warmup(model)
+    max_ctx = getattr(model.config, "max_position_embeddings", None)
+    rows = []
+    grid = [(L, v) for L in cfg.lengths for v in variants]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), desc="bench decode", unit="run")
+    for L, (vname, pol) in grid:
+        row: dict[str, Any] = {"bench": "decode", "model": model_name, "length": L, "variant": vname,
+                               "policy": vname, "budget_tokens": None if pol is None else cfg.budget,
+                               "device": str(dev), "dtype": str(model.dtype).replace("torch.", "")}
+        if max_ctx and L + cfg.steps + cfg.breakdown_steps + 1 > max_ctx:
+            row["error"] = f"length {L} + decode steps exceeds the model's context of {max_ctx} tokens"
+            rows.append(row)
+            continue
+        g = torch.Generator().manual_seed(cfg.seed)
+        ids = torch.randint(0, model.config.vocab_size, (1, L), generator=g).to(dev)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        cache = DynamicCache(config=model.config) if pol is None else KVPolicyCache(model, pol)
+        try:
+            row.update(_run_variant(model, ids, cache, cfg))
+            if dev.type == "cuda":
+                row["device_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+                row["device_peak_over_weights_bytes"] = torch.cuda.max_memory_allocated(dev) - base
+        except torch.cuda.OutOfMemoryError as e:  # record and go on with the next variant
+            row["error"] = f"out of memory: {str(e).splitlines()[0]}"
+        finally:
+            if pol is not None:
+                for la in _policy_layers(cache):
+                    la.reset()
+            model.set_attn_implementation("sdpa")
+            del cache
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{L} {vname}: " + (f"{row['tpot_ms']:.2f} ms/token" if "tpot_ms" in row else "failed"))
+    if bar is not None:
+        bar.close()
+    dense = {r["length"]: r for r in rows if r["variant"] == "dense" and "tpot_ms" in r}
+    for r in rows:
+        d = dense.get(r["length"])
+        if d is not None and "tpot_ms" in r:
+            r["tpot_vs_dense"] = r["tpot_ms"] / d["tpot_ms"]
+            r["ttst_vs_dense_prefill"] = r["ttst_s"] / d["ttft_s"]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    t = Table(title="decode latency and memory (per output token; breakdown summed over layers, device-synced)")
+    for c in ("length", "variant", "TTFT s", "TTST s", "TPOT ms", "× dense", "select", "transfer", "attn",
+              "insert", "rest", "GB/s", "dev KV MiB", "KV on dev", "CPU KV MiB", "index MiB"):
+        t.add_column(c, justify="left" if c == "variant" else "right")
+    for r in rows:
+        if "error" in r:
+            t.add_row(str(r["length"]), r["variant"], r["error"][:60], *["-"] * 13)
+            continue
+        t.add_row(
+            str(r["length"]), r["variant"], f(r["ttft_s"], ".3f"), f(r["ttst_s"], ".3f"), f(r["tpot_ms"], ".2f"),
+            f(r.get("tpot_vs_dense"), ".2f"), f(r.get("select_ms"), ".2f"), f(r.get("transfer_ms"), ".2f"),
+            f(r.get("attention_ms"), ".2f"), f(r.get("insert_ms"), ".2f"), f(r.get("rest_ms"), ".2f"),
+            f(r.get("transfer_gbps"), ".2f"), f(r["device_kv_bytes"] / 2**20, ".1f"),
+            f(r["device_kv_fraction"], ".1%") if r.get("device_kv_fraction") is not None else "-",
+            f(r["cpu_kv_bytes"] / 2**20, ".1f"), f(r["index_bytes"] / 2**20, ".1f"),
+        )
+    Console(width=200).print(t)
+
+
+def plot_decode(rows: list[dict], path: str | Path) -> Path:
+    """Time per output token vs context length per variant, device KV bytes on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "tpot_ms" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax2 = ax.twinx()
+    for i, v in enumerate(dict.fromkeys(r["variant"] for r in ok)):
+        rs = sorted((r for r in ok if r["variant"] == v), key=lambda r: r["length"])
+        xs = [r["length"] for r in rs]
+        color = f"C{i}"
+        ax.plot(xs, [r["tpot_ms"] for r in rs], "o-", color=color, label=f"{v} time/token")
+        ax2.plot(xs, [r["device_kv_bytes"] / 2**30 for r in rs], "s--", color=color, alpha=0.5,
+                 label=f"{v} device KV")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("time per output token (ms)")
+    ax2.set_ylabel("KV bytes on the device (GiB, dashed)")
+    ax.set_title(f"decode: {ok[0]['model'] if ok else ''}")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_json(rows: list[dict], path: str | Path, meta: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

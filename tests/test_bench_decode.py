@@ -1,0 +1,67 @@
+"""``kvpolicy bench decode`` on a tiny random Llama (CPU): rows, breakdown, memory accounting, plot, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvpolicy.bench.decode import DecodeBenchConfig, bench_decode, load_bench_model, plot_decode
+from kvpolicy.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_bench_model(None, "tiny-llama", "cpu")[0]
+
+
+def test_bench_decode_rows(tiny):
+    cfg = DecodeBenchConfig(policies=["quest", "streaming"], budget=64, lengths=[512], steps=3, breakdown_steps=2)
+    rows = bench_decode(tiny, cfg, model_name="tiny", progress=False)
+    assert [r["variant"] for r in rows] == ["dense", "quest", "streaming"]
+    dense, quest, stream = rows
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["tpot_ms"] > 0 and r["ttst_s"] > r["ttft_s"] > 0
+        assert len(r["step_times_ms"]) == 3
+    assert dense["tpot_vs_dense"] == pytest.approx(1.0)
+    assert dense["device_kv_fraction"] == 1.0 and dense["cpu_kv_bytes"] == 0
+    # dense KV: 4 layers x K,V x 1 head x (512 + 1 + 3 + 0 breakdown) tokens x 64 x 4 bytes (fp32 default weights)
+    assert dense["device_kv_bytes"] == 4 * 2 * 1 * (512 + 1 + 3) * 64 * tiny.dtype.itemsize
+    for r in (quest, stream):
+        assert 0 < r["device_kv_fraction"] < 0.5  # most of the KV lives in CPU pages
+        assert r["cpu_kv_bytes"] > 0
+        for k in ("select_ms", "transfer_ms", "attention_ms", "insert_ms", "rest_ms", "breakdown_step_ms"):
+            assert r[k] >= 0, k
+        assert r["select_ms"] + r["transfer_ms"] + r["attention_ms"] <= r["breakdown_step_ms"]
+    assert quest["pages_moved_per_step"] >= 0
+
+
+def test_bench_decode_cli_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "decode", "--config", "tiny-llama", "--dtype", "float32", "--device", "cpu", "--policy",
+               "quest", "--budget", "64", "--length", "512", "--steps", "2", "--breakdown-steps", "1",
+               "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert {r["variant"] for r in doc["rows"]} == {"dense", "quest"}
+    assert doc["meta"]["config"]["budget"] == 64
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "TPOT" in capsys.readouterr().out
+
+
+def test_bench_decode_errors(capsys):
+    assert main(["bench", "decode", "--config", "tiny-llama", "--policy", "no-such-policy"]) == 2
+    assert "no-such-policy" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown config"):
+        load_bench_model(None, "nope", "cpu")
+
+
+def test_bench_decode_too_long(tiny):
+    cfg = DecodeBenchConfig(policies=[], budget=64, lengths=[8190], steps=3, breakdown_steps=0)
+    (row,) = bench_decode(tiny, cfg, progress=False)
+    assert "exceeds the model's context" in row["error"]
+
+
+def test_plot_without_rows(tmp_path):
+    assert plot_decode([], tmp_path / "empty.png").exists()
