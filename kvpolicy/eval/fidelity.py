@@ -10,6 +10,10 @@ These separate a bad selector from a bad model: a policy can fail a task because
   ``mass_recall``: the attention mass over the offloaded tokens that the selected pages hold, divided by the mass
   of the best pages of that layout (same count); ``rel_out_error``: ``|o_sel - o_full| / |o_full|`` against full
   attention over the prompt (``kvpolicy.eval.ablate.selection_metrics``). Dense layers count as 1.0 and 0.0.
+  ``mass_recall`` is relative to the best pages of the policy's own layout, so it does **not** compare policies of
+  different page sizes (at 128 tokens, 64 single tokens for ``pqcache``/``magicpig`` against 4 pages of 16 for
+  ``quest``/``oracle``/``icecache``); ``mass_captured`` (share of the full attention mass on the attended tokens,
+  dense layers 1.0) and ``rel_out_error`` do. Rows record ``page_size`` and the ``granularity`` (token/page).
 * **Perplexity** (``ppl``): teacher-forced, of the ``continuation`` tokens that follow the prompt in the essays,
   decoded one token at a time under the policy (its pages really move); ``ppl_full`` is the same with the full
   cache.
@@ -77,8 +81,9 @@ def fidelity_row(model: Any, qkv: dict, ids: torch.Tensor, L: int, job: EvalJob,
     H = next(iter(qkv.values())).k.shape[1]
     mass = {i: [[1.0] * H] for i in qkv}  # dense layers: exact
     err = {i: [[0.0] * H] for i in qkv}
+    cap = {i: [[1.0] * H] for i in qkv}
     for i in layers:
-        mass[i], err[i] = [], []
+        mass[i], err[i], cap[i] = [], [], []
     for j in range(n_queries):
         prev = None
         for i, pl in layers.items():
@@ -90,15 +95,19 @@ def fidelity_row(model: Any, qkv: dict, ids: torch.Tensor, L: int, job: EvalJob,
             m = selection_metrics(q, c.k[:, :, :L], c.v[:, :, :L], c.scaling, n_sink, full_layout(pl), sel)
             mass[i].append(m["mass_recall_heads"])
             err[i].append(m["rel_out_error_heads"])
+            cap[i].append(m["mass_captured_heads"])
     order = sorted(qkv)
     per_mass = [[statistics.mean(col) for col in zip(*mass[i])] for i in order]  # [layers, Hkv]
     per_err = [[statistics.mean(col) for col in zip(*err[i])] for i in order]
+    per_cap = [[statistics.mean(col) for col in zip(*cap[i])] for i in order]
     nll = policy_nll(model, ids, L, job, dense, first_logits)
     b = job.policy.resolve_budget()
     return {
         "task": "fidelity", "source": "essays", "length": L, "policy": job.label, "budget_tokens": job.budget,
         "budget_resolved": b.describe(), "mass_recall": statistics.mean(x for r in per_mass for x in r),
         "rel_out_error": statistics.mean(x for r in per_err for x in r),
+        "mass_captured": statistics.mean(x for r in per_cap for x in r), "page_size": b.page_size,
+        "granularity": "token" if b.page_size == 1 else "page",
         "ppl": math.exp(statistics.mean(nll)), "ppl_full": math.exp(statistics.mean(nll_full)),
         "continuation_tokens": len(nll), "n_queries": n_queries, "layers": order, "metric": "mass_recall",
         "per_layer_head": per_mass, "per_layer_head_error": per_err, "policy_config": job.policy.to_config(),

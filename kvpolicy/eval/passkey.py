@@ -16,17 +16,14 @@ the final prompt is tokenized once (rarely twice or three times) to hit the leng
 
 from __future__ import annotations
 
-import functools
 import random
 import re
 import sys
-import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
 from typing import TYPE_CHECKING, Any
 
-from kvpolicy.eval.corpus import essay_text, split_sentences
+from kvpolicy.eval.text import FILLER, HAYSTACKS, encode, sentence_counts, token_span, tokenize
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -50,16 +47,7 @@ INSTRUCTION = (
 NEEDLE = " The pass key is {passkey}. Remember it. {passkey} is the pass key. "
 QUESTION = "What is the pass key?"
 BASE_ANSWER_PREFIX = "The pass key is"
-HAYSTACKS = ("essays", "repeat")
-FILLER = (  # the classic passkey filler (Mohtashami & Jaggi 2023)
-    "The grass is green.",
-    "The sky is blue.",
-    "The sun is yellow.",
-    "Here we go.",
-    "There and back again.",
-)
 _PLACEHOLDER = "<<<KVPOLICY_HAYSTACK>>>"
-_COUNT_BLOCK = 512  # sentences tokenized per batch when filling the per-tokenizer count cache
 
 
 @dataclass(frozen=True)
@@ -90,58 +78,7 @@ class PasskeySample:
 
 
 # --------------------------------------------------------------------------------------------------
-# per-tokenizer cache of sentence token counts
-
-
-@functools.lru_cache(maxsize=2)
-def _haystack_sentences(haystack: str) -> tuple[str, ...]:
-    return FILLER if haystack == "repeat" else tuple(split_sentences(essay_text()))
-
-
-class _SentenceCounts:
-    """Token counts of ``" " + sentence`` for every essay sentence, filled lazily in blocks."""
-
-    def __init__(self, sentences: Sequence[str]):
-        self.sentences = sentences
-        self.counts: list[int] = [-1] * len(sentences)  # tokens per sentence, -1 = not computed yet
-
-    def get(self, tokenizer: Any, i: int) -> int:
-        c = self.counts[i]
-        if c < 0:
-            lo = i - i % _COUNT_BLOCK
-            hi = min(lo + _COUNT_BLOCK, len(self.sentences))
-            batch = [" " + s for s in self.sentences[lo:hi]]
-            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-            self.counts[lo:hi] = [len(x) for x in ids]
-            c = self.counts[i]
-        return c
-
-
-# id(tokenizer) -> (weak reference to it, {haystack name: counts}); entries vanish with their tokenizer
-_COUNTS: dict[int, tuple[weakref.ref[Any], dict[str, _SentenceCounts]]] = {}
-
-
-def _counts_for(tokenizer: Any, haystack: str) -> _SentenceCounts:
-    key = id(tokenizer)
-    hit = _COUNTS.get(key)
-    if hit is None or hit[0]() is not tokenizer:
-        try:
-            ref = weakref.ref(tokenizer, lambda _r, k=key: _COUNTS.pop(k, None))
-        except TypeError:  # not weak-referenceable: do not cache (ids could be reused)
-            return _SentenceCounts(_haystack_sentences(haystack))
-        hit = _COUNTS[key] = (ref, {})
-    per_haystack = hit[1]
-    if haystack not in per_haystack:
-        per_haystack[haystack] = _SentenceCounts(_haystack_sentences(haystack))
-    return per_haystack[haystack]
-
-
-# --------------------------------------------------------------------------------------------------
 # prompt construction
-
-
-def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def _frame(tokenizer: Any, chat: bool, answer_prefix: str) -> tuple[str, str]:
@@ -156,29 +93,6 @@ def _frame(tokenizer: Any, chat: bool, answer_prefix: str) -> tuple[str, str]:
         raise ValueError("the tokenizer's chat template did not keep the user message verbatim")
     before, after = rendered.split(_PLACEHOLDER)
     return before, after + answer_prefix
-
-
-def _tokenize(tokenizer: Any, text: str, special: bool) -> tuple[list[int], list[tuple[int, int]] | None]:
-    """(ids, char offsets per token or None when the tokenizer cannot report them)."""
-    try:
-        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError):
-        return _encode(tokenizer, text, special), None
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-
-def _needle_span(
-    tokenizer: Any, text: str, special: bool, offsets: list[tuple[int, int]] | None, start: int, end: int
-) -> tuple[int, int]:
-    """Half-open token range covering chars [start, end) of ``text``."""
-    if offsets is not None:
-        hit = [i for i, (s, e) in enumerate(offsets) if e > start and s < end and e > s]
-        if hit:
-            return hit[0], hit[-1] + 1
-    # no offsets: count tokens of the text up to each end (may be off by one at the edges)
-    return len(_encode(tokenizer, text[:start].rstrip(), special)), len(
-        _encode(tokenizer, text[:end], special)
-    )
 
 
 def make_passkey_sample(
@@ -240,8 +154,8 @@ def make_passkey_sample(
     before_text, after_text = _frame(tokenizer, chat, answer_prefix)
     needle = NEEDLE.format(passkey=key)
     # fixed cost in tokens (approximate: pieces are tokenized separately here)
-    overhead = len(_encode(tokenizer, before_text + after_text, special)) + len(
-        _encode(tokenizer, needle.strip(), False)
+    overhead = len(encode(tokenizer, before_text + after_text, special)) + len(
+        encode(tokenizer, needle.strip(), False)
     )
     budget = context_tokens - overhead  # haystack tokens wanted
     if budget < 1:
@@ -250,7 +164,7 @@ def make_passkey_sample(
             f"~{overhead} tokens"
         )
 
-    counts = _counts_for(tokenizer, haystack)
+    counts = sentence_counts(tokenizer, haystack)
     sentences = counts.sentences
     n_total = len(sentences)
     limit = n_total if haystack == "essays" else sys.maxsize  # max haystack sentences (filler repeats)
@@ -284,7 +198,7 @@ def make_passkey_sample(
         ndl = ndl if right else ndl.rstrip()
         prompt = before_text + left + ndl + right + after_text
         n_start = len(before_text) + len(left) + (len(ndl) - len(ndl.lstrip()))  # char index of "The"
-        ids, offsets = _tokenize(tokenizer, prompt, special)
+        ids, offsets = tokenize(tokenizer, prompt, special)
         return ids, offsets, prompt, n_start, n_start + len(needle.strip()), (cum[k] / cum[n] if n else 0.0)
 
     # Pieces were counted separately, so the estimate can be off by a few tokens: tokenize the real prompt
@@ -310,7 +224,7 @@ def make_passkey_sample(
     if best is None:
         raise ValueError(f"could not fit a passkey prompt into context_tokens={context_tokens}")
     ids, offsets, prompt, n_start, n_end, achieved = best
-    span = _needle_span(tokenizer, prompt, special, offsets, n_start, n_end)
+    span = token_span(tokenizer, prompt, special, offsets, n_start, n_end)
     return PasskeySample(
         prompt_ids=ids,
         passkey=key,

@@ -81,14 +81,19 @@ def _fidelity_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     if not fid:
         return []
     out = ["### Attention fidelity and perplexity (essays)\n",
-           "| model | length | policy | budget | mass recall | output error | ppl | ppl / full |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+           "| model | length | policy | budget | page size | mass recall (own layout) | mass captured | output error "
+           "| ppl | ppl / full |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in fid:
+        cap = f"{r['mass_captured']:.3f}" if "mass_captured" in r else "-"
         out.append(f"| {r['model']} | {r['length']} | {r['policy']} | {_budget_label(r['budget_tokens'])} | "
-                   f"{r['mass_recall']:.3f} | {r['rel_out_error']:.3f} | {r['ppl']:.2f} | "
-                   f"{r['ppl'] / r['ppl_full']:.3f} |")
-    out.append("\nMass recall and output error are means over layers, KV heads and decode-position queries "
-               "(dense layers count as exact); perplexity is teacher-forced over the tokens after the prompt.\n")
+                   f"{r.get('page_size', '-')} | {r['mass_recall']:.3f} | {cap} | {r['rel_out_error']:.3f} | "
+                   f"{r['ppl']:.2f} | {r['ppl'] / r['ppl_full']:.3f} |")
+    out.append("\nMeans over layers, KV heads and decode-position queries (dense layers count as exact); perplexity "
+               "is teacher-forced over the tokens after the prompt. Mass recall is relative to the best pages of the "
+               "policy's own layout, so it only compares policies of the same page size (token-level policies, page "
+               "size 1, are ranked against the best single tokens); mass captured (share of the full attention mass "
+               "on the attended tokens) and output error compare across page sizes.\n")
     return out
 
 

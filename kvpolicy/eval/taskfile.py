@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvpolicy.eval.passkey import _tokenize
 from kvpolicy.eval.tasks import TaskSample, _assemble, _Built, _Context, _make_frame, _use_chat
+from kvpolicy.eval.text import tokenize
 
 __all__ = ["FILE_INSTRUCTION", "FILE_ANSWER_PREFIX", "TaskFileProblem", "make_file_sample", "read_task_file"]
 
@@ -138,7 +138,7 @@ def make_file_sample(
                         FILE_ANSWER_PREFIX)
     context = _Context(record["context"].strip(), [])
     text = frame.before + context.text + frame.after
-    ids, offsets = _tokenize(tokenizer, text, frame.special)
+    ids, offsets = tokenize(tokenizer, text, frame.special)
     rid = record.get("id")
     return _assemble(
         task,

