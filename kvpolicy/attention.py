@@ -1,13 +1,68 @@
 """Sparse paged decode attention, torch reference: [sink | selected pages | recent window], one softmax.
 
 This is the definition the Triton kernel in ``kernels/`` is tested against, and the path used on CPU.
+``decode_attention`` picks one of the two per call (see its docstring).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 
-__all__ = ["dense_decode_attention", "paged_decode_attention"]
+__all__ = ["ATTENTION_ENV", "attention_backend", "decode_attention", "dense_decode_attention", "paged_decode_attention"]
+
+ATTENTION_ENV = "KVPOLICY_ATTENTION"  # "torch" | "triton" | "auto" (default)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def attention_backend(q: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: the implementation ``decode_attention`` uses for a query on ``q.device``.
+
+    ``KVPOLICY_ATTENTION=torch|triton`` forces one (read at every call); unset, empty or ``auto`` picks Triton
+    for CUDA tensors when triton is installed, else the torch reference."""
+    mode = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if mode == "torch":
+        return "torch"
+    if mode == "triton":
+        if not _triton_available():
+            raise RuntimeError(f"{ATTENTION_ENV}=triton but triton is not installed (pip install triton)")
+        return "triton"
+    if mode != "auto":
+        raise ValueError(f"{ATTENTION_ENV} must be 'torch', 'triton' or 'auto', got {mode!r}")
+    return "triton" if q.is_cuda and _triton_available() else "torch"
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    sink_k: torch.Tensor,  # [B, Hkv, Ts, D]
+    sink_v: torch.Tensor,  # [B, Hkv, Ts, D]
+    slot_k: torch.Tensor,  # [B, Hkv, N, S, D]
+    slot_v: torch.Tensor,  # [B, Hkv, N, S, D]
+    slot_len: torch.Tensor,  # [B, Hkv, N] int32
+    slots: torch.Tensor,  # [B, Hkv, K] int64, -1 = none
+    win_k: torch.Tensor,  # [B, Hkv, Tw, D]
+    win_v: torch.Tensor,  # [B, Hkv, Tw, D]
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:  # [B, Hq, D]
+    """``paged_decode_attention`` through the Triton kernel (``kernels.paged_attention``) on CUDA when triton
+    is installed, else through the torch reference; ``KVPOLICY_ATTENTION`` overrides (``attention_backend``).
+
+    The two agree up to float rounding, except on a row with nothing to attend to (no sink, no window and no
+    valid selected token): Triton returns zeros there, the reference NaN."""
+    args = (q, sink_k, sink_v, slot_k, slot_v, slot_len, slots, win_k, win_v, scaling, softcap)
+    if attention_backend(q) == "triton":
+        from kernels.paged_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(*args)
+    return paged_decode_attention(*args)
 
 
 def paged_decode_attention(

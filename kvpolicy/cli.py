@@ -244,16 +244,17 @@ def cmd_bench_decode(args) -> int:
 
     lengths = [parse_length(x) for x in args.length]
     for name in args.policy:
-        Policy.resolve(name, budget=args.budget)  # validate before loading the model
+        Policy.resolve(name.partition(":")[0].partition("@")[0], budget=args.budget)  # validate before loading
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
     cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,
                             breakdown_steps=args.breakdown_steps, dense=not args.no_dense,
-                            index_device=args.index_device)
-    rows = bench_decode(model, cfg, model_name=model_name)
-    print_table(rows)
+                            index_device=args.index_device, sdpa_backend=args.sdpa_backend)
     meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
             else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg)}
+    save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None  # partial results survive a kill
+    rows = bench_decode(model, cfg, model_name=model_name, on_row=save)
+    print_table(rows)
     if args.json:
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
@@ -346,13 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="llama3-8b", help="random-weight configuration when --model is not given")
     s.add_argument("--dtype", default=None, help="bfloat16 (default), float16, float32")
     s.add_argument("--device", default=None, help="cuda if available, else cpu")
-    s.add_argument("--policy", type=_str_list, default=["icecache"], help="comma-separated presets")
+    s.add_argument("--policy", type=_str_list, default=["icecache"], help="comma-separated presets; NAME@cuda puts the index on the GPU, NAME:uva sets the transfer")
     s.add_argument("--budget", type=_budget, default=256, help="tokens (e.g. 256) or 'all'")
     s.add_argument("--length", type=_str_list, default=["8k"], help="comma-separated context lengths (8k,32k)")
     s.add_argument("--steps", type=int, default=32, help="timed decode steps per run")
     s.add_argument("--breakdown-steps", type=int, default=8, help="further device-synced steps for the breakdown")
     s.add_argument("--index-device", default=None, help="put the policies' index on this device (cpu, cuda)")
     s.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    s.add_argument("--sdpa-backend", default=None, choices=["flash", "efficient", "cudnn", "math"],
+                   help="pin SDPA (prefill, dense baseline, dense layers) to one backend (default: torch's choice)")
     s.add_argument("--json", default=None, help="write {meta, rows} JSON here")
     s.add_argument("--plot", default=None, help="write the time-per-token plot (PNG) here")
     s.set_defaults(fn=cmd_bench_decode)

@@ -291,7 +291,7 @@ class KVPolicyCache(_get_dynamic_cache()):
         out: dict[str, float] = {}
         for i in self.policy_layers:
             self.layers[i].state.wait_ready()
-            for k, v in vars(self.layers[i].state.stats).items():
+            for k, v in self.layers[i].state.stats.as_dict().items():
                 out[k] = out.get(k, 0) + v
         if self.policy_layers:
             out["steps"] = self.layers[self.policy_layers[0]].state.stats.steps

@@ -156,9 +156,14 @@ class PageAllocator(Part):
     * ``lookup(page_ids)`` returns the slot of each page ``[B, Hkv, M]`` or PAD if not resident.
     * ``invalidate(page_ids)`` forgets residency of pages whose contents changed (they will be copied again).
     * ``num_free`` ``[B, Hkv]``: slots holding no page.
+    * ``ensure_pages(num_pages)`` (optional): every page id passed later is below ``num_pages``; an allocator
+      that keeps per-page tables sizes them here, so that ``reserve`` never reads page ids back from the device.
     """
 
     kind: ClassVar[str] = "allocator"
+
+    def ensure_pages(self, num_pages: int) -> None:  # noqa: B027 (optional hook, no-op by default)
+        return None
 
     @abstractmethod
     def setup(self, batch_size: int, num_kv_heads: int, num_slots: int, device: torch.device | str) -> None: ...

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpolicy.attention import paged_decode_attention
+from kvpolicy.attention import decode_attention
 from kvpolicy.ops import check_tensor
 from kvpolicy.policy import Policy
 from kvpolicy.pool import PagePool
@@ -52,6 +52,10 @@ class LayerStats:
     build_pool_s: float = 0.0  # of which the CPU pool write (device -> pinned host copy included)
     pool_alloc_s: float = 0.0  # of which allocating the layer's (pinned) CPU pool, sized after the build
     wait_s: float = 0.0  # time the decode path waited for a background job (prefill build or page insertion)
+
+    def as_dict(self) -> dict[str, float]:
+        """The counters as numbers (counters that a transfer keeps on the device are read back here)."""
+        return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
 
 
 class PolicyLayer:
@@ -86,6 +90,7 @@ class PolicyLayer:
         self.win_len = 0
         self.cpu_pool: PagePool | None = None
         self.gpu_pool: PagePool | None = None
+        self._max_pages = 0  # pages of the fullest (b, head) row of the index, known on the host
 
     def reset(self) -> None:
         with contextlib.suppress(Exception):  # a failed job's error is moot once the layer is reset
@@ -176,6 +181,7 @@ class PolicyLayer:
         self.stats.pool_alloc_s += time.perf_counter() - t1
         t1 = time.perf_counter()
         self.cpu_pool.write(layout, mid_k, mid_v, base=0)
+        self._max_pages = P
         t2 = time.perf_counter()
         self._setup_slots(self._num_slots_needed())
         ctx = dataclasses.replace(self.context(), prompt_queries=prompt[0], prompt_keys=prompt[1], index_offset=n_sink)
@@ -242,6 +248,7 @@ class PolicyLayer:
             B, H, S, D, dtype=self.dtype, device=self.device, capacity=n, pin=False, track_tokens=False
         )
         self.allocator.setup(B, H, n, self.device)
+        self.allocator.ensure_pages(self.cpu_pool.capacity)
 
     def context(self, scaling: float = 1.0, prev_selection: Selection | None = None) -> SelectContext:
         return SelectContext(
@@ -256,6 +263,7 @@ class PolicyLayer:
             scaling=scaling,
             prev_selection=prev_selection,
             search_params=self.policy.search_params,
+            max_pages=self._max_pages,
         )
 
     # ------------------------------------------------------------------ decode
@@ -301,7 +309,7 @@ class PolicyLayer:
         self.transfer.wait(handle)
         t2 = self._now()
         gp = self.gpu_pool
-        out = paged_decode_attention(
+        out = decode_attention(
             query, self.sink_k, self.sink_v, gp.k, gp.v, gp.lengths, res.slots.to(self.device),
             self.win_k[:, :, : self.win_len], self.win_v[:, :, : self.win_len], scaling, softcap,
         )
@@ -313,7 +321,7 @@ class PolicyLayer:
         t4 = self._now()
         self.step += 1
         st.steps += 1
-        st.pages_selected += int((sel.page_ids >= 0).sum())
+        st.pages_selected += (sel.page_ids >= 0).sum()  # a tensor: counted without reading back from the device
         st.pages_moved += handle.num_pages
         st.bytes_moved += handle.nbytes
         st.select_s += t1 - t0
@@ -358,6 +366,8 @@ class PolicyLayer:
         layout = self.index.add(pk)
         self.last_add_layout = layout
         self.cpu_pool.write(layout, pk, pv, base=base)
+        self._max_pages = int(self.index.num_pages.max())  # in the job: the decode path never reads it back
+        self.allocator.ensure_pages(self.cpu_pool.capacity)
         self.allocator.invalidate(layout.page_ids)
         self.selector.update(pk, layout, self.context())
         self.stats.pages_inserted += 1

@@ -54,7 +54,8 @@ class PagePool:
         C = capacity
         self.k = _empty((B, H, C, S, D), dtype, self.device, self.pinned, 0)  # [B, Hkv, C, S, D]
         self.v = _empty((B, H, C, S, D), dtype, self.device, self.pinned, 0)  # [B, Hkv, C, S, D]
-        self.lengths = torch.zeros((B, H, C), dtype=torch.int32, device=self.device)  # [B, Hkv, C]
+        self.lengths = _empty((B, H, C), torch.int32, self.device, self.pinned, 0)  # [B, Hkv, C] (pinned: the GPU
+        # may read the pool directly, see kernels/page_load.py)
         if track_tokens:
             self.token_ids = torch.full((B, H, C, S), PAD, dtype=torch.int64, device=self.device)
             self.token_page = torch.full((B, H, 0), PAD, dtype=torch.int64, device=self.device)  # [B, Hkv, T]
@@ -92,7 +93,7 @@ class PagePool:
             new = _empty((B, H, new_c, S, D), self.dtype, self.device, self.pinned, 0)
             new[:, :, :C] = old
             setattr(self, name, new)
-        lengths = torch.zeros((B, H, new_c), dtype=torch.int32, device=self.device)
+        lengths = _empty((B, H, new_c), torch.int32, self.device, self.pinned, 0)
         lengths[:, :, :C] = self.lengths
         self.lengths = lengths
         if self.track_tokens:

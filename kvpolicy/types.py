@@ -166,8 +166,8 @@ class Reservation:
 class TransferHandle:
     """An in-flight (or finished) page copy returned by ``Transfer.submit``."""
 
-    num_pages: int
-    nbytes: int
+    num_pages: int | Any  # an int, or a 0-dim device tensor (a transfer that never reads back from the device)
+    nbytes: int | Any
     event: Any = None  # torch.cuda.Event recorded after the copy on the copy stream, or None (already done)
     stream: Any = None  # the stream the copy ran on, or None
     pending: Any = None  # transfer-private work that ``wait`` finishes (e.g. the scatter into slots)
@@ -205,11 +205,15 @@ class SelectContext:
     prompt_queries: torch.Tensor | None = None  # [B, Hq, T, D]
     prompt_keys: torch.Tensor | None = None  # [B, Hkv, T, D] every prompt key (sink and window included)
     index_offset: int = 0
+    max_pages: int | None = None  # num_pages.max() when the caller knows it on the host (saves a device read)
 
     @property
     def k(self) -> int:
         """Retrieved pages to select: the budget's, or every page for an unlimited budget."""
-        max_pages = int(self.num_pages.max()) if self.num_pages.numel() else 0
+        if self.max_pages is not None:
+            max_pages = self.max_pages
+        else:
+            max_pages = int(self.num_pages.max()) if self.num_pages.numel() else 0
         if self.budget.retrieved_pages is None:
             return max_pages
         return min(self.budget.retrieved_pages, max_pages)

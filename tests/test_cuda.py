@@ -46,7 +46,7 @@ def test_background_jobs_on_cuda_match_inline(preset, index_device):
     """Prefill builds and page insertions on the background worker (own CUDA stream) decode exactly like inline."""
     from kvpolicy.policy import Policy
 
-    model = tiny_model("llama").cuda()
+    model = tiny_model("llama", layers=6).cuda()  # layers 3, 4 mirror anchor 2 under icecache-reuse
     ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(3)).cuda()
     base = Policy.preset(preset, budget=128)
     pol = Policy.from_config({**base.to_config(), "index": {"name": "dci_tree", "device": index_device},

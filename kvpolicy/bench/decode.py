@@ -16,7 +16,8 @@ Per variant:
 * memory: ``device_kv_bytes``, ``cpu_kv_bytes``, ``index_bytes`` (accounting of the cache),
   ``device_kv_fraction`` = device KV / (device + CPU KV), and the device's peak allocated bytes.
 
-Prompts are random token ids: this measures latency, never accuracy. ``--config llama3-8b`` builds the
+A policy written ``NAME@DEVICE:TRANSFER`` (``icecache@cuda:uva``; both parts optional) runs that preset with
+its index on DEVICE and/or with another transfer, so variants compare in one run. Prompts are random token ids: this measures latency, never accuracy. ``--config llama3-8b`` builds the
 Llama-3.1-8B configuration with random bf16 weights; ``--model`` loads a packaged or local model.
 """
 
@@ -59,6 +60,7 @@ class DecodeBenchConfig:
     steps: int = 32
     breakdown_steps: int = 8
     dense: bool = True
+    sdpa_backend: str | None = None  # flash, efficient, cudnn, math; None: torch's choice
     index_device: str | None = None  # None: the policy's own default
     seed: int = 0
 
@@ -130,7 +132,7 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
     if layers and cfg.breakdown_steps:
         for la in layers:
             la.wait_ready()
-        before = [dict(vars(la.stats)) for la in layers]
+        before = [la.stats.as_dict() for la in layers]
         for la in layers:
             la.sync_timing = True
         try:
@@ -139,7 +141,8 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
             for la in layers:
                 la.sync_timing = False
         n = cfg.breakdown_steps
-        delta = {k: sum(vars(la.stats)[k] - b[k] for la, b in zip(layers, before)) for k in before[0]}
+        after = [la.stats.as_dict() for la in layers]
+        delta = {k: sum(a[k] - b[k] for a, b in zip(after, before)) for k in before[0]}
         parts = {f"{k}_ms": delta[f"{k}_s"] / n * 1e3 for k in ("select", "transfer", "attention", "insert")}
         step_ms = statistics.fmean(bt) * 1e3
         row.update(parts)
@@ -155,6 +158,22 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
     return row
 
 
+def _sdpa(backend: str | None):
+    """Pin SDPA to one backend for prefill and every dense attention (the dense baseline and dense layers).
+    torch's own choice can pick cuDNN attention, which plans anew for every new KV length during decoding."""
+    import contextlib
+
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if backend not in names:
+        raise ValueError(f"unknown SDPA backend {backend!r}; choose one of {', '.join(names)}")
+    return sdpa_kernel(names[backend])
+
+
 @torch.inference_mode()
 def _warmup(model) -> None:
     """One short dense prefill and a few steps, so the first timed run pays no lazy initialisation."""
@@ -168,8 +187,11 @@ def _warmup(model) -> None:
     _sync(model.device)
 
 
-def bench_decode(model, cfg: DecodeBenchConfig, *, model_name: str = "", progress: bool = True) -> list[dict]:
-    """Run every (length, variant) of ``cfg``; one row per pair (an ``error`` key when it failed)."""
+def bench_decode(
+    model, cfg: DecodeBenchConfig, *, model_name: str = "", progress: bool = True, on_row=None
+) -> list[dict]:
+    """Run every (length, variant) of ``cfg``; one row per pair (an ``error`` key when it failed).
+    ``on_row(rows)`` is called after each run with the rows so far (to save partial results)."""
     from transformers import DynamicCache
 
     from kvpolicy.hf import KVPolicyCache
@@ -178,12 +200,20 @@ def bench_decode(model, cfg: DecodeBenchConfig, *, model_name: str = "", progres
     dev = model.device
     pols = {}
     for name in cfg.policies:  # resolve everything before the first prefill: bad names fail fast
-        pol = Policy.resolve(name, budget=cfg.budget)
-        if cfg.index_device and pol.index is not None:
-            pol = Policy.from_config({**pol.to_config(), "index": {**pol.index.to_config(), "device": cfg.index_device}})
+        base, _, transfer = name.partition(":")  # "icecache@cuda:uva": index on the GPU, the uva transfer
+        preset, _, idx_dev = base.partition("@")
+        pol = Policy.resolve(preset, budget=cfg.budget)
+        if transfer:
+            pol = Policy.from_config({**pol.to_config(), "transfer": transfer})
+        idx_dev = idx_dev or cfg.index_device
+        if idx_dev:
+            if pol.index is None:
+                raise ValueError(f"policy {preset!r} has no index to put on {idx_dev!r}")
+            pol = Policy.from_config({**pol.to_config(), "index": {**pol.index.to_config(), "device": idx_dev}})
         pols[name] = pol
     variants: list[tuple[str, Any]] = ([("dense", None)] if cfg.dense else []) + list(pols.items())
-    _warmup(model)
+    with _sdpa(cfg.sdpa_backend):  # also validates the name before any work
+        _warmup(model)
     max_ctx = getattr(model.config, "max_position_embeddings", None)
     rows = []
     grid = [(L, v) for L in cfg.lengths for v in variants]
@@ -208,12 +238,15 @@ def bench_decode(model, cfg: DecodeBenchConfig, *, model_name: str = "", progres
             base = torch.cuda.memory_allocated(dev)
         cache = DynamicCache(config=model.config) if pol is None else KVPolicyCache(model, pol)
         try:
-            row.update(_run_variant(model, ids, cache, cfg))
+            with _sdpa(cfg.sdpa_backend):
+                row.update(_run_variant(model, ids, cache, cfg))
             if dev.type == "cuda":
                 row["device_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
                 row["device_peak_over_weights_bytes"] = torch.cuda.max_memory_allocated(dev) - base
         except torch.cuda.OutOfMemoryError as e:  # record and go on with the next variant
             row["error"] = f"out of memory: {str(e).splitlines()[0]}"
+        except Exception as e:  # a failing variant is a result too; the others still run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         finally:
             if pol is not None:
                 for la in _policy_layers(cache):
@@ -224,6 +257,8 @@ def bench_decode(model, cfg: DecodeBenchConfig, *, model_name: str = "", progres
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{L} {vname}: " + (f"{row['tpot_ms']:.2f} ms/token" if "tpot_ms" in row else "failed"))

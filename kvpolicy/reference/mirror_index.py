@@ -40,7 +40,7 @@ class MirrorIndex(Index):
         pool, P = self.anchor.cpu_pool, int(self.anchor.index.num_pages.max()) if self.anchor.index.num_tokens else 0
         B, H = pool.batch_size, pool.num_kv_heads
         ids = torch.arange(P).expand(B, H, P)
-        num = self.anchor.index.num_pages
+        num = self.anchor.index.num_pages.cpu()  # [B, H]; the anchor's index may live on the GPU, its pool does not
         ids = torch.where(ids < num.unsqueeze(-1), ids, PAD)
         return PageLayout(page_ids=ids, token_ids=pool.token_ids[:, :, :P].clone(),
                           lengths=pool.lengths[:, :, :P].clone(), num_pages=num.clone(), num_tokens=self._n)

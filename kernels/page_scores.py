@@ -1,0 +1,224 @@
+"""Fused page scoring for exact and Quest-style selectors, in Triton, with torch references; top-k on the GPU.
+
+* ``exact_page_scores(q, pool_k, lengths)``: a page's score for a query head is the largest ``q . k`` over
+  the page's valid tokens (``ExactIndex.page_scores`` over a GPU page pool); empty pages score ``-inf``.
+* ``quest_page_scores(q, lo, hi)``: the upper bound of ``q . k`` over the page's key box,
+  ``sum_d max(q_d lo_d, q_d hi_d)`` (``QuestSelector``); pages at or beyond ``num_pages`` score ``-inf``.
+* ``topk_pages(scores, k, num_kv_heads)``: each query head ranks its pages (``torch.topk``) and the GQA
+  group's rankings are interleaved (``kvpolicy.ops.gqa_merge``), as the reference selectors do.
+
+Scores are float32, unscaled (no softmax scaling), ``[B, Hq, C]``. Each program scores a block of pages of one
+KV head for all ``G = Hq // Hkv`` query heads of its group, so each key is read once per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._checks import check_device, check_int, check_rank, check_same_float, check_shape, interpreting
+from kvpolicy.ops import gqa_merge, topk_ids
+
+__all__ = [
+    "exact_page_scores",
+    "exact_page_scores_ref",
+    "quest_page_scores",
+    "quest_page_scores_ref",
+    "topk_pages",
+]
+
+
+@triton.jit(do_not_specialize=["H", "G", "C"])
+def _exact_kernel(
+    q_ptr, k_ptr, len_ptr, out_ptr,  # lengths: [B, H, C] contiguous
+    H, G, C, S, D,
+    sq_b, sq_h, sq_d,
+    sk_b, sk_h, sk_c, sk_s, sk_d,
+    so_b, so_h, so_c,
+    G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PAGES: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_T: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :] * sq_d,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_T)  # [G_PAD, BLOCK_D]
+    flat = tl.arange(0, PAGES * BLOCK_S)
+    page = tl.program_id(1).to(tl.int64) * PAGES + flat // BLOCK_S  # [T]
+    pos = flat % BLOCK_S
+    n_valid = tl.load(len_ptr + (b * H + h) * C + page, mask=page < C, other=0)
+    ok = (pos < n_valid) & (pos < S)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + page[:, None] * sk_c + pos[:, None] * sk_s + offs_d[None, :] * sk_d,
+                mask=ok[:, None] & d_ok[None, :], other=0.0).to(DOT_T)  # [T, BLOCK_D]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, T]
+    s = tl.where(ok[None, :], s, float("-inf"))
+    best = tl.max(tl.reshape(s, (G_PAD, PAGES, BLOCK_S)), 2)  # [G_PAD, PAGES]
+    offs_p = tl.program_id(1).to(tl.int64) * PAGES + tl.arange(0, PAGES)
+    tl.store(out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_p[None, :] * so_c, best,
+             mask=g_ok[:, None] & (offs_p < C)[None, :])
+
+
+@triton.jit(do_not_specialize=["H", "G", "C"])
+def _quest_kernel(
+    q_ptr, lo_ptr, hi_ptr, np_ptr, out_ptr,  # num_pages: [B, H] contiguous
+    H, G, C, D,
+    sq_b, sq_h, sq_d,
+    slo_b, slo_h, slo_c, slo_d,
+    shi_b, shi_h, shi_c, shi_d,
+    so_b, so_h, so_c,
+    G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, HAS_NUM: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    q = tl.load(q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :] * sq_d,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [G_PAD, BLOCK_D]
+    offs_p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < C
+    if HAS_NUM:
+        p_ok = p_ok & (offs_p < tl.load(np_ptr + b * H + h))
+    msk = p_ok[:, None] & d_ok[None, :]
+    lo = tl.load(lo_ptr + b * slo_b + h * slo_h + offs_p[:, None] * slo_c + offs_d[None, :] * slo_d, mask=msk,
+                 other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
+    hi = tl.load(hi_ptr + b * shi_b + h * shi_h + offs_p[:, None] * shi_c + offs_d[None, :] * shi_d, mask=msk,
+                 other=0.0).to(tl.float32)
+    # max(q lo, q hi) = max(q, 0) hi + min(q, 0) lo for lo <= hi: two exact fp32 products
+    s = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
+    s += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")  # [G_PAD, BLOCK_P]
+    s = tl.where(p_ok[None, :], s, float("-inf"))
+    tl.store(out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_p[None, :] * so_c, s,
+             mask=g_ok[:, None] & (offs_p < C)[None, :])
+
+
+def _heads(q: torch.Tensor, H: int) -> int:
+    Hq = q.shape[1]
+    if H < 1 or Hq % H:
+        raise ValueError(f"query heads Hq={Hq} must be a multiple of the KV heads Hkv={H}")
+    return Hq // H
+
+
+def exact_page_scores(
+    q: torch.Tensor,  # [B, Hq, D] q.dtype == pool_k.dtype
+    pool_k: torch.Tensor,  # [B, Hkv, C, S, D] GPU page pool (keys)
+    lengths: torch.Tensor,  # [B, Hkv, C] int32/int64 valid tokens per page (0 = empty)
+) -> torch.Tensor:  # [B, Hq, C] float32, -inf for empty pages
+    """Max ``q . k`` over each page's valid tokens, for every query head (no scaling)."""
+    check_rank("q", q, 3, "[B, Hq, D]")
+    check_rank("pool_k", pool_k, 5, "[B, Hkv, C, S, D]")
+    check_rank("lengths", lengths, 3, "[B, Hkv, C]")
+    check_same_float("q", q, pool_k=pool_k)
+    check_int("lengths", lengths)
+    B, Hq, D = q.shape
+    H, C, S = pool_k.shape[1], pool_k.shape[2], pool_k.shape[3]
+    G = _heads(q, H)
+    check_shape("pool_k", pool_k, (B, H, C, S, D), "[B, Hkv, C, S, D]")
+    check_shape("lengths", lengths, (B, H, C), "[B, Hkv, C]")
+    check_device("q", q, pool_k=pool_k, lengths=lengths)
+    out = torch.empty((B, Hq, C), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    if S == 0 or D == 0:
+        return out.fill_(float("-inf"))
+    if q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting()):
+        precision, dot_t = "ieee", tl.float32  # see kernels.paged_attention.dot_config
+    else:
+        precision, dot_t = "tf32", tl.float16 if q.dtype == torch.float16 else tl.bfloat16
+    BLOCK_S = triton.next_power_of_2(S)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    PAGES = max(1, (64 if BLOCK_D <= 128 else 32) // BLOCK_S)
+    G_PAD = max(16, triton.next_power_of_2(G))
+    _exact_kernel[(B * H, triton.cdiv(C, PAGES))](
+        q, pool_k, lengths.contiguous(), out, H, G, C, S, D,
+        *q.stride(), *pool_k.stride(), *out.stride(),
+        G_PAD=G_PAD, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, PAGES=PAGES, PRECISION=precision, DOT_T=dot_t,
+        num_warps=4,
+    )
+    return out
+
+
+def quest_page_scores(
+    q: torch.Tensor,  # [B, Hq, D] float
+    lo: torch.Tensor,  # [B, Hkv, C, D] float: per-page elementwise key minimum
+    hi: torch.Tensor,  # [B, Hkv, C, D] float: per-page elementwise key maximum (lo <= hi)
+    num_pages: torch.Tensor | None = None,  # [B, Hkv] int: pages >= num_pages[b, h] score -inf
+) -> torch.Tensor:  # [B, Hq, C] float32
+    """Quest's page bound ``sum_d max(q_d lo_d, q_d hi_d)`` for every query head, in float32."""
+    check_rank("q", q, 3, "[B, Hq, D]")
+    check_rank("lo", lo, 4, "[B, Hkv, C, D]")
+    check_rank("hi", hi, 4, "[B, Hkv, C, D]")
+    for name, t in (("q", q), ("lo", lo), ("hi", hi)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    B, Hq, D = q.shape
+    H, C = lo.shape[1], lo.shape[2]
+    G = _heads(q, H)
+    check_shape("lo", lo, (B, H, C, D), "[B, Hkv, C, D]")
+    check_shape("hi", hi, (B, H, C, D), "[B, Hkv, C, D]")
+    extra = {}
+    if num_pages is not None:
+        check_rank("num_pages", num_pages, 2, "[B, Hkv]")
+        check_int("num_pages", num_pages)
+        check_shape("num_pages", num_pages, (B, H), "[B, Hkv]")
+        extra["num_pages"] = num_pages
+    check_device("q", q, lo=lo, hi=hi, **extra)
+    out = torch.empty((B, Hq, C), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    if D == 0:
+        return out.copy_(quest_page_scores_ref(q, lo, hi, num_pages))
+    npg = num_pages.contiguous() if num_pages is not None else out  # placeholder pointer, never read
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_P = 64 if BLOCK_D <= 128 else 32
+    _quest_kernel[(B * H, triton.cdiv(C, BLOCK_P))](
+        q, lo, hi, npg, out, H, G, C, D,
+        *q.stride(), *lo.stride(), *hi.stride(), *out.stride(),
+        G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
+        HAS_NUM=num_pages is not None, num_warps=4,
+    )
+    return out
+
+
+def topk_pages(scores: torch.Tensor, k: int, num_kv_heads: int) -> torch.Tensor:
+    """Pages to load per KV head from per-query-head scores: ``[B, Hq, C]`` -> ``[B, Hkv, min(k, G*k, C)]``
+    int64, best first, ``-1``-padded; ``-inf`` pages are never chosen (``torch.topk`` on the scores' device)."""
+    B, Hq, _ = scores.shape
+    ids, _ = topk_ids(scores, k)  # [B, Hq, k']
+    return gqa_merge(ids.view(B, num_kv_heads, Hq // num_kv_heads, -1), k)
+
+
+# ---------------------------------------------------------------------------------------- torch references
+def exact_page_scores_ref(q: torch.Tensor, pool_k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Torch reference of ``exact_page_scores`` (float32 einsum, tail masked, max over the page)."""
+    B, Hq, D = q.shape
+    _, H, C, S, _ = pool_k.shape
+    qg = q.float().view(B, H, Hq // H, D)
+    s = torch.einsum("bhgd,bhcsd->bhgcs", qg, pool_k.float())  # [B, H, G, C, S]
+    valid = torch.arange(S, device=q.device) < lengths.to(q.device).unsqueeze(-1)  # [B, H, C, S]
+    s = s.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    if S == 0:
+        return torch.full((B, Hq, C), float("-inf"), device=q.device)
+    return s.amax(-1).reshape(B, Hq, C)
+
+
+def quest_page_scores_ref(
+    q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_pages: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Torch reference of ``quest_page_scores`` (the ``box_upper_bound`` of the Quest selector)."""
+    B, Hq, D = q.shape
+    H, C = lo.shape[1], lo.shape[2]
+    qg = q.float().view(B, H, Hq // H, D)
+    s = torch.einsum("bhgd,bhcd->bhgc", qg.clamp(min=0), hi.float())
+    s = s + torch.einsum("bhgd,bhcd->bhgc", qg.clamp(max=0), lo.float())  # [B, H, G, C]
+    if num_pages is not None:
+        valid = torch.arange(C, device=q.device) < num_pages.to(q.device).unsqueeze(-1)  # [B, H, C]
+        s = s.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    return s.reshape(B, Hq, C)
