@@ -52,6 +52,25 @@ def main() -> None:
         syncs = {e.key: e.count for e in ev if any(s in e.key for s in ("Synchronize", "DtoH", "aten::item",
                                                                           "aten::_local_scalar_dense", "nonzero"))}
         print("host synchronisation points over", args.steps, "steps:", syncs)
+        if dev == "cuda":  # where they come from: torch's sync debug mode warns at each synchronising call
+            import collections
+            import warnings
+
+            where = collections.Counter()
+            with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    for _ in range(args.steps):
+                        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    where[f"{w.filename}:{w.lineno}"] += 1
+            print(f"synchronising calls per step by source line ({args.steps} steps):")
+            for loc, n in where.most_common(args.rows):
+                print(f"  {n / args.steps:7.1f}  {loc}")
         return row
 
     bd._run_variant = profiled

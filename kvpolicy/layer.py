@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpolicy.attention import decode_attention
+from kvpolicy.concurrency import capture_lock
 from kvpolicy.ops import check_tensor
 from kvpolicy.policy import Policy
 from kvpolicy.pool import PagePool
@@ -220,7 +221,8 @@ class PolicyLayer:
         ):
             if ready is not None:
                 stream.wait_event(ready)
-            fn(*args)
+            with capture_lock:  # never overlaps a CUDA-graph capture on the decode path
+                fn(*args)
 
     def wait_ready(self) -> None:
         """Join the layer's background job (re-raising its error) and order the current stream after it."""

@@ -30,6 +30,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from kvpolicy.concurrency import capture_lock
 from kvpolicy.interfaces import Index
 from kvpolicy.ops import check_tensor, gqa_merge, page_max_scores, topk_ids
 from kvpolicy.types import PAD, PageLayout, SearchParams, Selection
@@ -883,7 +884,7 @@ class DCITreeIndex(Index):
                 self._masked_merged(sq, k, sf)  # warm-up outside the graph
             torch.cuda.current_stream(q.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # background jobs may run meanwhile
+            with capture_lock, torch.cuda.graph(graph, capture_error_mode="thread_local"):  # no job meanwhile
                 out = self._masked_merged(sq, k, sf)
             self._graph = (key, graph, sq, sf, out)
         _, graph, sq, sf, out = self._graph

@@ -93,3 +93,23 @@ def test_background_build_errors_surface_at_decode(tiny_llama):
     ids = torch.randint(0, 128, (1, 200))
     with pytest.raises(FloatingPointError, match="on purpose"):
         _generate(tiny_llama, ids, pol, n=3, overlap=True)
+
+
+def test_background_jobs_wait_for_a_cuda_graph_capture():
+    """A job never runs while the decode path holds ``capture_lock`` (a CUDA-graph capture is under way)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvpolicy.concurrency import capture_lock
+    from kvpolicy.layer import PolicyLayer
+
+    layer = PolicyLayer(Policy.preset("exact-topk", budget=64), 0)
+    layer.device = torch.device("cpu")
+    started = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        layer.executor = ex
+        with capture_lock:
+            layer._run_job(started.set)
+            assert not started.wait(0.3)  # held back while the "capture" holds the lock
+        layer.wait_ready()
+        assert started.is_set()

@@ -258,12 +258,17 @@ def bench_decode(
                 torch.cuda.empty_cache()
         rows.append(row)
         if on_row is not None:
-            on_row(rows)
+            on_row(_add_ratios(rows))
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{L} {vname}: " + (f"{row['tpot_ms']:.2f} ms/token" if "tpot_ms" in row else "failed"))
     if bar is not None:
         bar.close()
+    return _add_ratios(rows)
+
+
+def _add_ratios(rows: list[dict]) -> list[dict]:
+    """``tpot_vs_dense`` and ``ttst_vs_dense_prefill`` against the dense row of the same length (if run)."""
     dense = {r["length"]: r for r in rows if r["variant"] == "dense" and "tpot_ms" in r}
     for r in rows:
         d = dense.get(r["length"])
