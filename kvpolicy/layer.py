@@ -241,7 +241,7 @@ class PolicyLayer:
     def _num_slots_needed(self) -> int:
         if self.budget.retrieved_pages is not None:
             return self.budget.retrieved_pages
-        return int(self.index.num_pages.max()) if self.index.num_tokens else 0
+        return self._max_pages  # set by the build from the layout, without reading the index back
 
     def _setup_slots(self, n: int) -> None:
         B, H, D = self.shape

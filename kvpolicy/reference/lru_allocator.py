@@ -82,7 +82,7 @@ class LRUAllocator(PageAllocator):
     def reserve(self, selection: Selection) -> Reservation:
         ids = selection.page_ids.to(self.device)  # [B, H, K]
         B, H, N1 = self._slot_page.shape
-        N, P = N1 - 1, self._page_slot.shape[-1] - 1
+        N = N1 - 1
         if ids.shape[:2] != (B, H):
             raise ValueError(f"selection rows {tuple(ids.shape[:2])} do not match the allocator's {(B, H)}")
         K = ids.shape[-1]
