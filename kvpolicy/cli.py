@@ -244,7 +244,7 @@ def cmd_bench_decode(args) -> int:
 
     lengths = [parse_length(x) for x in args.length]
     for name in args.policy:
-        Policy.resolve(name.partition(":")[0].partition("@")[0], budget=args.budget)  # validate before loading
+        Policy.resolve_placed(name, budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
     cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,
@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="task accuracy per policy, budget, task and length (resumable JSONL)")
     model_args(s)
     s.add_argument("--policy", type=_str_list, default=["full", "oracle", "icecache", "quest", "streaming"],
-                   help="comma-separated presets; snapkv also runs as snapkv-qhidden")
+                   help="comma-separated presets; snapkv also runs as snapkv-qhidden; NAME@cuda puts the index on "
+                   "the GPU, NAME:uva sets the transfer (same rows, placement in policy_config)")
     s.add_argument("--budget", type=_int_list, default=[64, 128, 256, 512], help="comma-separated token budgets")
     s.add_argument("--task", default="passkey",
                    help="ruler, passkey, comma-separated task names, or none (with --fidelity)")

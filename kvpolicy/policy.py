@@ -23,7 +23,7 @@ from kvpolicy.interfaces import Index, PageAllocator, Part, Selector, Transfer
 from kvpolicy.registry import Registry, get_registry
 from kvpolicy.types import Budget, SearchParams
 
-__all__ = ["PartSpec", "Parts", "Policy"]
+__all__ = ["PartSpec", "Parts", "Policy", "split_placement"]
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,24 @@ class Policy:
     def with_budget(self, budget: int | None) -> Policy:
         return dataclasses.replace(self, budget=budget)
 
+    def placed(self, index_device: str | None = None, transfer: str | None = None) -> Policy:
+        """The same policy with its index searching on ``index_device`` and/or moving pages with the ``transfer``
+        plug-in (``None`` keeps the current one). Placement changes where work runs, never what is selected."""
+        pol = self
+        if transfer:
+            pol = dataclasses.replace(pol, transfer=PartSpec(transfer))
+        if index_device:
+            torch_device(index_device)  # raises on an unknown device string
+            pol = dataclasses.replace(pol, index={**pol.index.to_config(), "device": index_device})
+        return pol
+
+    @classmethod
+    def resolve_placed(cls, spec: str, **overrides: Any) -> Policy:
+        """A preset with a placement suffix, ``NAME[@INDEX_DEVICE][:TRANSFER]`` (``icecache@cuda:uva``: the index
+        searches on the GPU, pages move through the ``uva`` transfer); see ``split_placement``."""
+        name, index_device, transfer = split_placement(spec)
+        return cls.resolve(name, **overrides).placed(index_device, transfer)
+
     def label(self) -> str:
         return self.name or self.selector.name
 
@@ -252,3 +270,21 @@ class Policy:
         if isinstance(policy, Mapping):
             return cls.from_config(policy, **overrides)
         raise TypeError(f"policy must be a Policy, preset name, YAML path or dict; got {type(policy).__name__}")
+
+
+def split_placement(spec: str) -> tuple[str, str | None, str | None]:
+    """``"icecache@cuda:uva"`` -> ``("icecache", "cuda", "uva")``; absent parts are ``None``."""
+    base, _, transfer = spec.partition(":")
+    name, _, index_device = base.partition("@")
+    if not name:
+        raise ValueError(f"policy spec {spec!r} has no preset name (form: NAME[@INDEX_DEVICE][:TRANSFER])")
+    return name, index_device or None, transfer or None
+
+
+def torch_device(name: str):
+    import torch
+
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: {e}") from e

@@ -12,6 +12,7 @@ import torch
 
 from kvpolicy.cli import main
 from kvpolicy.eval.report import aggregate, markdown_report, plot_report
+from kvpolicy.policy import Policy
 from kvpolicy.eval.runner import REQUIRED_KEYS, eval_jobs, read_rows, run_eval
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
@@ -49,6 +50,20 @@ def test_jobs_expand_full_once_and_snapkv_twice():
         eval_jobs(["quest-qhidden"], [64])
     with pytest.raises(Exception, match="unknown policy preset"):
         eval_jobs(["qest"], [64])
+
+
+def test_placement_suffix_keeps_the_label_and_sets_the_parts():
+    jobs = eval_jobs(["icecache@cpu:uva", "quest:sync"], [128])
+    assert [(j.label, j.budget) for j in jobs] == [("icecache", 128), ("quest", 128)]
+    cfg = jobs[0].policy.to_config()
+    assert cfg["index"]["name"] == "dci_tree" and cfg["index"]["device"] == "cpu" and cfg["transfer"]["name"] == "uva"
+    assert Policy.resolve_placed("icecache@cpu").transfer.name == "bulk_load"  # the preset's own transfer kept
+    with pytest.raises(ValueError, match="listed twice"):
+        eval_jobs(["icecache", "icecache@cpu"], [128])
+    with pytest.raises(Exception, match="unknown transfer"):
+        eval_jobs(["quest:nosuch"], [128])
+    with pytest.raises(ValueError, match="unknown device"):
+        eval_jobs(["quest@gpu0"], [128])
 
 
 def test_rows_resume_and_determinism(model, tok, tmp_path):

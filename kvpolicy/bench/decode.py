@@ -195,21 +195,13 @@ def bench_decode(
     from transformers import DynamicCache
 
     from kvpolicy.hf import KVPolicyCache
-    from kvpolicy.policy import Policy
+    from kvpolicy.policy import Policy, split_placement
 
     dev = model.device
     pols = {}
     for name in cfg.policies:  # resolve everything before the first prefill: bad names fail fast
-        base, _, transfer = name.partition(":")  # "icecache@cuda:uva": index on the GPU, the uva transfer
-        preset, _, idx_dev = base.partition("@")
-        pol = Policy.resolve(preset, budget=cfg.budget)
-        if transfer:
-            pol = Policy.from_config({**pol.to_config(), "transfer": transfer})
-        idx_dev = idx_dev or cfg.index_device
-        if idx_dev:
-            if pol.index is None:
-                raise ValueError(f"policy {preset!r} has no index to put on {idx_dev!r}")
-            pol = Policy.from_config({**pol.to_config(), "index": {**pol.index.to_config(), "device": idx_dev}})
+        preset, idx_dev, transfer = split_placement(name)  # "icecache@cuda:uva": index on the GPU, uva transfer
+        pol = Policy.resolve(preset, budget=cfg.budget).placed(idx_dev or cfg.index_device, transfer)
         pols[name] = pol
     variants: list[tuple[str, Any]] = ([("dense", None)] if cfg.dense else []) + list(pols.items())
     with _sdpa(cfg.sdpa_backend):  # also validates the name before any work

@@ -25,7 +25,7 @@ import torch
 
 from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
 from kvpolicy.hf import KVPolicyCache
-from kvpolicy.policy import Policy
+from kvpolicy.policy import Policy, split_placement
 
 __all__ = ["EvalJob", "QHIDDEN_SUFFIX", "eval_jobs", "read_rows", "row_key", "run_eval"]
 
@@ -49,11 +49,18 @@ class EvalJob:
 
 def eval_jobs(policies: Sequence[str], budgets: Sequence[int]) -> list[EvalJob]:
     """Every (policy, budget); policies that read every page (``full``) once, unlimited; ``snapkv`` also with the
-    question hidden. Unknown names and bad budgets fail here, before any model work."""
+    question hidden. A name may carry a placement, ``NAME[@INDEX_DEVICE][:TRANSFER]`` (``icecache@cuda:uva``):
+    it changes where the work runs, not the rows' policy label (the placement is in ``policy_config``).
+    Unknown names, bad budgets and one policy placed twice fail here, before any model work."""
     jobs: list[EvalJob] = []
-    for name in policies:
+    seen: dict[str, str] = {}
+    for spec in policies:
+        name, index_device, transfer = split_placement(spec)
+        if name in seen:
+            raise ValueError(f"policy {name!r} is listed twice ({seen[name]!r} and {spec!r}); rows are keyed by name")
+        seen[name] = spec
         hidden = name.endswith(QHIDDEN_SUFFIX)
-        base = Policy.resolve(name[: -len(QHIDDEN_SUFFIX)] if hidden else name)
+        base = Policy.resolve(name[: -len(QHIDDEN_SUFFIX)] if hidden else name).placed(index_device, transfer)
         if hidden and not base.selector_cls.needs_prompt_queries:
             raise ValueError(f"{name!r}: only prefill-scoring selectors (snapkv, h2o) have a question-hidden mode")
         if not base.selector_cls.uses_budget:
@@ -61,7 +68,9 @@ def eval_jobs(policies: Sequence[str], budgets: Sequence[int]) -> list[EvalJob]:
             continue
         for b in budgets:
             jobs.append(EvalJob(name, b, base.with_budget(b), hidden))
-        if base.selector.name == "snapkv" and not hidden and f"{name}{QHIDDEN_SUFFIX}" not in policies:
+        if base.selector.name == "snapkv" and not hidden and not any(
+            split_placement(p)[0] == f"{name}{QHIDDEN_SUFFIX}" for p in policies
+        ):
             jobs += [EvalJob(f"{name}{QHIDDEN_SUFFIX}", b, base.with_budget(b), True) for b in budgets]
     return jobs
 
