@@ -521,6 +521,9 @@ class DCITreeIndex(Index):
             self._fill(g_row, g_cell, no_exist, torch.zeros_like(cnt), -(-cnt // S), items_group, items_tok)
         self._resize_tokens(cap)
         P = int(self._num_pages.max())
+        # page headroom too: the first add() then writes in place, so tables keep their storage (a captured
+        # search graph stays valid; without it every layer re-captured at its first window flush)
+        self._grow_pages(P + max(16, P // 8))
         pids = torch.arange(P, device=dev).expand(BH, P)
         return self._layout(torch.where(pids < self._num_pages[:, None], pids, PAD))
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from kvpolicy.attention import _triton_available
 from kvpolicy.interfaces import PageAllocator
 from kvpolicy.types import PAD, Reservation, Selection
 
@@ -22,10 +23,16 @@ class LRUAllocator(PageAllocator):
     On a GPU nothing is read back to the host: tables carry one extra "trash" column that masked-out
     entries are scattered into, instead of boolean indexing. ``check`` (default: on for CPU tables) turns on
     the contract checks that need such reads (too many pages for the slots, double release).
+
+    ``kernel``: reserve through the one-launch Triton kernel ``kernels.lru_reserve`` (same result as the
+    torch code below, which is its reference). ``None`` (default): on CUDA tables when triton is installed,
+    checks are off and the row has at most ``kernels.lru_reserve.MAX_SLOTS`` slots; ``True`` forces it
+    (the Triton interpreter runs it on CPU), ``False`` never.
     """
 
     name: ClassVar[str] = "lru"
     check: bool | None = None
+    kernel: bool | None = None
 
     def __post_init__(self) -> None:
         self.setup(0, 0, 0, "cpu")
@@ -79,6 +86,15 @@ class LRUAllocator(PageAllocator):
     def _trash(self, cond: torch.Tensor, idx: torch.Tensor, trash: int) -> torch.Tensor:
         return torch.where(cond, idx, trash)
 
+    def _use_kernel(self, N: int) -> bool:
+        if self.kernel is not None:
+            return self.kernel
+        if self.device.type != "cuda" or self._checking or not _triton_available():
+            return False
+        from kernels.lru_reserve import MAX_SLOTS
+
+        return N <= MAX_SLOTS
+
     def reserve(self, selection: Selection) -> Reservation:
         ids = selection.page_ids.to(self.device)  # [B, H, K]
         B, H, N1 = self._slot_page.shape
@@ -89,11 +105,20 @@ class LRUAllocator(PageAllocator):
         valid = ids >= 0
         if self._checking and K > N and bool((valid.sum(-1) > N).any()):
             raise ValueError(f"selection holds up to {int(valid.sum(-1).max())} pages but only {N} GPU slots exist")
+        if not self._sized and ids.numel():
+            self._grow(int(ids.max()) + 1)
+        self._clock += 1
+        if self._use_kernel(N):
+            from kernels.lru_reserve import lru_reserve
+
+            ids = ids.long().contiguous()
+            slots, missing, evicted = lru_reserve(self._slot_page, self._last_used, self._pins, self._page_slot,
+                                                  ids, self._clock)
+            return Reservation(page_ids=ids, slots=slots, missing=missing, evicted=evicted)
         cur = self.lookup(ids)  # [B, H, K]
         P = self._page_slot.shape[-1] - 1
         hit = valid & (cur >= 0)
         missing = valid & ~hit
-        self._clock += 1
         # candidate slots for missing pages: not pinned and not holding a page selected now; free, then LRU
         held = self._pins > 0
         held.scatter_(-1, self._trash(hit, cur, N), True)
@@ -131,7 +156,7 @@ class LRUAllocator(PageAllocator):
         if self._checking and bool((self._pins.gather(-1, idx)[valid] <= 0).any()):
             raise ValueError("release() of a reservation that was not reserved (or was released twice)")
         self._pins.scatter_add_(-1, idx, -valid.to(torch.int32))
-        self._reset_trash()
+        self._pins[..., -1] = 0  # the only table written here
 
     def invalidate(self, page_ids: torch.Tensor) -> None:
         ids = page_ids.to(self.device)
