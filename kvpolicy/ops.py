@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
 from kvpolicy.types import PAD
 
-__all__ = ["check_tensor", "gqa_merge", "page_max_scores", "topk_ids"]
+__all__ = ["check_tensor", "gqa_merge", "gqa_merge_reference", "page_max_scores", "topk_ids"]
 
 _BIG_ID = 1 << 40  # above any page id; (id * L + pos) stays far below 2**63
 
@@ -39,7 +42,24 @@ def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
     Ranks are interleaved (rank 0 of every head of the group, then rank 1, ...) and the first ``k`` distinct
     pages are kept, as in IceCache's reference decode loop (source: yuzhenmao/IceCache, ``gqa`` merge in
     ``infer_state.py``). ranked: [B, Hkv, G, R] int64 PAD-padded, best first -> [B, Hkv, min(k, G*R)].
+    On CUDA with triton installed (and ``G * R <= kernels.gqa_merge.MAX_ENTRIES``) one kernel does it
+    (``kernels.gqa_merge``); ``gqa_merge_reference`` is the definition.
     """
+    if ranked.is_cuda and _triton_ok():
+        from kernels.gqa_merge import MAX_ENTRIES, gqa_merge_triton
+
+        if ranked.shape[-2] * ranked.shape[-1] <= MAX_ENTRIES:
+            return gqa_merge_triton(ranked, k)
+    return gqa_merge_reference(ranked, k)
+
+
+@functools.cache
+def _triton_ok() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def gqa_merge_reference(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """The torch definition of ``gqa_merge`` (two sorts, no host synchronisation)."""
     B, H, G, R = ranked.shape
     L = G * R
     k = min(k, L)

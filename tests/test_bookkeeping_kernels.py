@@ -1,4 +1,5 @@
-"""kernels.lru_reserve: the one-launch LRU reservation against the torch ``lru`` allocator it replaces.
+"""Bookkeeping kernels of the decode path against their torch definitions: kernels.lru_reserve (the one-launch
+LRU reservation, against the torch ``lru`` allocator) and kernels.gqa_merge (against ``ops.gqa_merge_reference``).
 
 Both allocators run the same random sequence of reserve / release / invalidate calls (hits, misses, evictions,
 pinned slots, PAD entries, unsorted selections) and must return the same reservations and hold the same tables
@@ -62,7 +63,7 @@ _INTERP = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, "tests")
-    from test_lru_kernel import run_sequence
+    from test_bookkeeping_kernels import run_sequence
     for seed, shape in enumerate([dict(), dict(B=1, H=1, N=1, P=5, K=1), dict(B=1, H=2, N=17, P=64, K=9),
                                   dict(B=2, H=1, N=12, P=30, K=12, steps=25)]):
         run_sequence("cpu", seed=seed, **shape)
@@ -107,3 +108,49 @@ def test_lru_kernel_matches_the_torch_allocator_on_cuda(shape):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     run_sequence("cuda", **shape)
+
+
+# ------------------------------------------------------------------------------------------------ gqa_merge
+def merge_cases(device: str):
+    """(ranked, k) pairs: duplicates across and within heads, PAD holes, k below/above the distinct count."""
+    g = torch.Generator().manual_seed(3)
+    for B, H, G, R, span, k in [(1, 2, 4, 12, 30, 12), (2, 3, 1, 5, 8, 5), (1, 1, 7, 9, 10, 40), (2, 8, 4, 28, 200, 28),
+                                (1, 2, 6, 12, 5, 12), (1, 1, 3, 4, 100, 0)]:
+        r = torch.randint(0, span, (B, H, G, R), generator=g)
+        r = torch.where(torch.rand(B, H, G, R, generator=g) < 0.15, -1, r)
+        yield r.to(device), k
+
+
+_MERGE_INTERP = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, "tests")
+    from test_bookkeeping_kernels import merge_cases
+    from kernels.gqa_merge import gqa_merge_triton
+    from kvpolicy.ops import gqa_merge_reference
+    for ranked, k in merge_cases("cpu"):
+        a, b = gqa_merge_triton(ranked, k), gqa_merge_reference(ranked, k)
+        assert a.shape == b.shape and torch.equal(a, b), (ranked.shape, k, a, b)
+    print("ok")
+    """
+)
+
+
+def test_gqa_merge_kernel_matches_the_reference_in_the_triton_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _MERGE_INTERP], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_gqa_merge_kernel_matches_the_reference_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kernels.gqa_merge import gqa_merge_triton
+    from kvpolicy.ops import gqa_merge, gqa_merge_reference
+
+    for ranked, k in merge_cases("cuda"):
+        ref = gqa_merge_reference(ranked, k)
+        assert torch.equal(gqa_merge_triton(ranked, k), ref) and torch.equal(gqa_merge(ranked, k), ref)
