@@ -102,9 +102,8 @@ class LRUAllocator(PageAllocator):
         if ids.shape[:2] != (B, H):
             raise ValueError(f"selection rows {tuple(ids.shape[:2])} do not match the allocator's {(B, H)}")
         K = ids.shape[-1]
-        valid = ids >= 0
-        if self._checking and K > N and bool((valid.sum(-1) > N).any()):
-            raise ValueError(f"selection holds up to {int(valid.sum(-1).max())} pages but only {N} GPU slots exist")
+        if self._checking and K > N and bool(((ids >= 0).sum(-1) > N).any()):
+            raise ValueError(f"selection holds up to {int((ids >= 0).sum(-1).max())} pages but only {N} GPU slots exist")
         if not self._sized and ids.numel():
             self._grow(int(ids.max()) + 1)
         self._clock += 1
@@ -115,6 +114,7 @@ class LRUAllocator(PageAllocator):
             slots, missing, evicted = lru_reserve(self._slot_page, self._last_used, self._pins, self._page_slot,
                                                   ids, self._clock)
             return Reservation(page_ids=ids, slots=slots, missing=missing, evicted=evicted)
+        valid = ids >= 0
         cur = self.lookup(ids)  # [B, H, K]
         P = self._page_slot.shape[-1] - 1
         hit = valid & (cur >= 0)
