@@ -72,12 +72,16 @@ _INTERP = textwrap.dedent(
 )
 
 
-def test_lru_kernel_matches_the_torch_allocator_in_the_triton_interpreter():
+def run_interpreted(code: str) -> None:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1``; it must print ``ok`` last."""
     pytest.importorskip("triton", reason="triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", _INTERP], capture_output=True, text=True, env=env, timeout=600,
-                       cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_lru_kernel_matches_the_torch_allocator_in_the_triton_interpreter():
+    run_interpreted(_INTERP)
 
 
 def test_kernel_choice_defaults():
@@ -137,11 +141,7 @@ _MERGE_INTERP = textwrap.dedent(
 
 
 def test_gqa_merge_kernel_matches_the_reference_in_the_triton_interpreter():
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", _MERGE_INTERP], capture_output=True, text=True, env=env, timeout=600,
-                       cwd=ROOT)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    run_interpreted(_MERGE_INTERP)
 
 
 @pytest.mark.cuda
