@@ -53,8 +53,7 @@ class ExactIndex(Index):
     def nbytes(self) -> int:
         if self._keys is None:
             return 0
-        B, H, _, D = self._keys.shape
-        return B * H * self._n * D * self._keys.element_size()
+        return self._keys.nbytes  # the store with its headroom (what the device holds)
 
     # ---------------------------------------------------------------- build / add
     def _layout(self, first_page: int) -> PageLayout:
@@ -77,8 +76,11 @@ class ExactIndex(Index):
         check_tensor("keys", keys, 4, dims="[B, Hkv, T, D]")
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
-        self._keys = keys.detach().to(self.device).clone()
-        self._n, self._page_size = keys.shape[2], page_size
+        B, H, T, D = keys.shape
+        # headroom for decode-time add(): the first insertions write in place instead of doubling the store
+        self._keys = keys.new_empty((B, H, T + max(256, T // 8), D), device=self.device)
+        self._keys[:, :, :T] = keys.detach()
+        self._n, self._page_size = T, page_size
         return self._layout(0)
 
     def add(self, keys: torch.Tensor) -> PageLayout:

@@ -52,7 +52,8 @@ class PageDigests:
         cap = 0 if self.lo is None else self.lo.shape[2] - 1
         if self.lo is not None and pages <= cap:
             return
-        new_cap = max(pages, 2 * cap, 16)
+        # the first allocation keeps 1/8 headroom (decode-time pages are then written in place); later ones double
+        new_cap = max(pages + max(16, pages // 8), 16) if self.lo is None else max(pages, 2 * cap, 16)
         fresh = [torch.zeros(B, H, new_cap + 1, D, device=device) for _ in range(3)]
         radius = torch.zeros(B, H, new_cap + 1, device=device)
         if self.lo is not None:
