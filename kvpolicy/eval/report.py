@@ -113,6 +113,7 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
         lengths = sorted({k[1] for k in mine})
         budgets = sorted({k[4] for k in mine if k[4] is not None})
         pols = _policies(mine)
+        color = {pol: "k" if pol == FULL else plt.cm.tab20(i % 20) for i, pol in enumerate(pols)}  # one per policy
 
         def avg(length, pol, b, mine=mine, model=model):
             tasks = {k[2] for k in mine if k[1] == length}
@@ -126,12 +127,12 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
                 if pol == FULL or any(k[3] == pol and k[4] is None for k in mine):
                     y = avg(length, pol, None)
                     if y is not None:
-                        ax.axhline(100 * y, ls="--", lw=1, color="k" if pol == FULL else None, label=f"{pol} (all)")
+                        ax.axhline(100 * y, ls="--", lw=1, color=color[pol], label=f"{pol} (all)")
                     continue
                 pts = [(b, avg(length, pol, b)) for b in budgets]
                 pts = [(b, y) for b, y in pts if y is not None]
                 if pts:
-                    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol)
+                    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol, color=color[pol])
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [str(b) for b in budgets])
             ax.set_title(f"{length} tokens")
@@ -155,7 +156,7 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
                     pts = [(L, y) for L, y in pts if y is not None]
                     if pts:
                         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol,
-                                ls="--" if bb is None else "-")
+                                ls="--" if bb is None else "-", color=color[pol])
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(lengths, [f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in lengths])
                 ax.set_title(f"budget {b}")
