@@ -2,6 +2,8 @@
 
 * ``exact_page_scores(q, pool_k, lengths)``: a page's score for a query head is the largest ``q . k`` over
   the page's valid tokens (``ExactIndex.page_scores`` over a GPU page pool); empty pages score ``-inf``.
+* ``token_page_scores(q, keys, page_tok)``: the same maximum where pages list token ids into a token-ordered
+  key store (the ``dci_tree`` index on the GPU): keys are read once, in place, through the page table.
 * ``quest_page_scores(q, lo, hi)``: the upper bound of ``q . k`` over the page's key box,
   ``sum_d max(q_d lo_d, q_d hi_d)`` (``QuestSelector``); pages at or beyond ``num_pages`` score ``-inf``.
 * ``topk_pages(scores, k, num_kv_heads)``: each query head ranks its pages (``torch.topk``) and the GQA
@@ -23,6 +25,8 @@ from kvpolicy.ops import gqa_merge, topk_ids
 __all__ = [
     "exact_page_scores",
     "exact_page_scores_ref",
+    "token_page_scores",
+    "token_page_scores_ref",
     "quest_page_scores",
     "quest_page_scores_ref",
     "topk_pages",
@@ -31,13 +35,13 @@ __all__ = [
 
 @triton.jit(do_not_specialize=["H", "G", "C"])
 def _exact_kernel(
-    q_ptr, k_ptr, len_ptr, out_ptr,  # lengths: [B, H, C] contiguous
+    q_ptr, k_ptr, len_ptr, out_ptr,  # lengths: [B, H, C] contiguous; INDIRECT: token ids [B, H, C, S] contiguous
     H, G, C, S, D,
     sq_b, sq_h, sq_d,
     sk_b, sk_h, sk_c, sk_s, sk_d,
     so_b, so_h, so_c,
     G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PAGES: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_T: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_T: tl.constexpr, INDIRECT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
@@ -51,9 +55,15 @@ def _exact_kernel(
     flat = tl.arange(0, PAGES * BLOCK_S)
     page = tl.program_id(1).to(tl.int64) * PAGES + flat // BLOCK_S  # [T]
     pos = flat % BLOCK_S
-    n_valid = tl.load(len_ptr + (b * H + h) * C + page, mask=page < C, other=0)
-    ok = (pos < n_valid) & (pos < S)
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + page[:, None] * sk_c + pos[:, None] * sk_s + offs_d[None, :] * sk_d,
+    if INDIRECT:  # keys stored by token (stride sk_c), pages list their token ids (-1: empty place)
+        tok = tl.load(len_ptr + ((b * H + h) * C + page) * S + pos, mask=(page < C) & (pos < S), other=-1)
+        ok = tok >= 0
+        row = tl.maximum(tok, 0).to(tl.int64)[:, None] * sk_c
+    else:
+        n_valid = tl.load(len_ptr + (b * H + h) * C + page, mask=page < C, other=0)
+        ok = (pos < n_valid) & (pos < S)
+        row = page[:, None] * sk_c + pos[:, None] * sk_s
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + row + offs_d[None, :] * sk_d,
                 mask=ok[:, None] & d_ok[None, :], other=0.0).to(DOT_T)  # [T, BLOCK_D]
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, T]
     s = tl.where(ok[None, :], s, float("-inf"))
@@ -132,16 +142,49 @@ def exact_page_scores(
         precision, dot_t = "ieee", tl.float32  # see kernels.paged_attention.dot_config
     else:
         precision, dot_t = "tf32", tl.float16 if q.dtype == torch.float16 else tl.bfloat16
+    _launch_exact(q, pool_k, lengths.contiguous(), out, H, G, C, S, D, pool_k.stride(), precision, dot_t, False)
+    return out
+
+
+def _launch_exact(q, keys, pages, out, H, G, C, S, D, k_strides, precision, dot_t, indirect) -> None:
     BLOCK_S = triton.next_power_of_2(S)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     PAGES = max(1, (64 if BLOCK_D <= 128 else 32) // BLOCK_S)
-    G_PAD = max(16, triton.next_power_of_2(G))
-    _exact_kernel[(B * H, triton.cdiv(C, PAGES))](
-        q, pool_k, lengths.contiguous(), out, H, G, C, S, D,
-        *q.stride(), *pool_k.stride(), *out.stride(),
-        G_PAD=G_PAD, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, PAGES=PAGES, PRECISION=precision, DOT_T=dot_t,
-        num_warps=4,
+    _exact_kernel[(q.shape[0] * H, triton.cdiv(C, PAGES))](
+        q, keys, pages, out, H, G, C, S, D,
+        *q.stride(), *k_strides, *out.stride(),
+        G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, PAGES=PAGES,
+        PRECISION=precision, DOT_T=dot_t, INDIRECT=indirect, num_warps=4,
     )
+
+
+def token_page_scores(
+    q: torch.Tensor,  # [B, Hq, D] float32
+    keys: torch.Tensor,  # [B, Hkv, T, D] token-ordered key store (any float dtype)
+    page_tok: torch.Tensor,  # [B, Hkv, C, S] int64 token ids of each page, -1 = empty place
+) -> torch.Tensor:  # [B, Hq, C] float32, -inf for empty pages
+    """Max ``q . k`` over each page's tokens, reading the keys through the page table (exact float32 products;
+    no copy or conversion of the key store)."""
+    check_rank("q", q, 3, "[B, Hq, D]")
+    check_rank("keys", keys, 4, "[B, Hkv, T, D]")
+    check_rank("page_tok", page_tok, 4, "[B, Hkv, C, S]")
+    if q.dtype != torch.float32 or not keys.is_floating_point():
+        raise TypeError(f"q must be float32 and keys floating, got {q.dtype} and {keys.dtype}")
+    check_int("page_tok", page_tok)
+    B, Hq, D = q.shape
+    H, C, S = keys.shape[1], page_tok.shape[2], page_tok.shape[3]
+    G = _heads(q, H)
+    check_shape("keys", keys, (B, H, keys.shape[2], D), "[B, Hkv, T, D]")
+    check_shape("page_tok", page_tok, (B, H, C, S), "[B, Hkv, C, S]")
+    check_device("q", q, keys=keys, page_tok=page_tok)
+    out = torch.empty((B, Hq, C), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    if S == 0 or D == 0:
+        return out.fill_(float("-inf"))
+    ks = keys.stride()
+    _launch_exact(q, keys, page_tok.contiguous(), out, H, G, C, S, D, (ks[0], ks[1], ks[2], 0, ks[3]), "ieee",
+                  tl.float32, True)
     return out
 
 
@@ -207,6 +250,19 @@ def exact_page_scores_ref(q: torch.Tensor, pool_k: torch.Tensor, lengths: torch.
     if S == 0:
         return torch.full((B, Hq, C), float("-inf"), device=q.device)
     return s.amax(-1).reshape(B, Hq, C)
+
+
+def token_page_scores_ref(q: torch.Tensor, keys: torch.Tensor, page_tok: torch.Tensor) -> torch.Tensor:
+    """Torch reference of ``token_page_scores`` (float32 products of every token, max over each page's tokens)."""
+    B, Hq, D = q.shape
+    H, C, S = keys.shape[1], page_tok.shape[2], page_tok.shape[3]
+    qg = q.float().view(B, H, Hq // H, D)
+    s = torch.einsum("bhgd,bhtd->bhgt", qg, keys.float())  # [B, H, G, T]
+    idx = page_tok.clamp(min=0).reshape(B, H, 1, C * S).expand(B, H, Hq // H, C * S)
+    per = s.gather(-1, idx).view(B, H, Hq // H, C, S).masked_fill((page_tok < 0).unsqueeze(2), float("-inf"))
+    if S == 0:
+        return torch.full((B, Hq, C), float("-inf"), device=q.device)
+    return per.amax(-1).reshape(B, Hq, C)
 
 
 def quest_page_scores_ref(

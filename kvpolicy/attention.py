@@ -6,20 +6,19 @@ This is the definition the Triton kernel in ``kernels/`` is tested against, and 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
+
+from kvpolicy.ops import triton_available
 
 __all__ = ["ATTENTION_ENV", "attention_backend", "decode_attention", "dense_decode_attention", "paged_decode_attention"]
 
 ATTENTION_ENV = "KVPOLICY_ATTENTION"  # "torch" | "triton" | "auto" (default)
 
 
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _triton_available() -> bool:  # a module attribute, so tests can patch the answer
+    return triton_available()
 
 
 def attention_backend(q: torch.Tensor) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from kvpolicy.types import PAD
 
-__all__ = ["check_tensor", "gqa_merge", "gqa_merge_reference", "page_max_scores", "topk_ids"]
+__all__ = ["check_tensor", "gqa_merge", "gqa_merge_reference", "page_max_scores", "topk_ids", "triton_available"]
 
 _BIG_ID = 1 << 40  # above any page id; (id * L + pos) stays far below 2**63
 
@@ -45,7 +45,7 @@ def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
     On CUDA with triton installed (and ``G * R <= kernels.gqa_merge.MAX_ENTRIES``) one kernel does it
     (``kernels.gqa_merge``); ``gqa_merge_reference`` is the definition.
     """
-    if ranked.is_cuda and _triton_ok():
+    if ranked.is_cuda and triton_available():
         from kernels.gqa_merge import MAX_ENTRIES, gqa_merge_triton
 
         if ranked.shape[-2] * ranked.shape[-1] <= MAX_ENTRIES:
@@ -54,7 +54,8 @@ def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @functools.cache
-def _triton_ok() -> bool:
+def triton_available() -> bool:
+    """Whether triton is installed (the kernels in ``kernels/`` need it; every caller has a torch fallback)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -286,6 +286,40 @@ def test_masked_search_equals_beam_search(T, seed, G, k, adds):
     assert sels[0][1] == pytest.approx(sels[1][1])
 
 
+_FUSED_INTERP = """
+import torch
+from kvpolicy.testing import clustered_keys
+from kvpolicy_icecache.dci_tree_index import DCITreeIndex
+for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4, 12, 3)]:
+    keys = clustered_keys(B=1, H=2, T=T + 16 * adds, D=32, seed=seed).to(torch.bfloat16)
+    q = torch.randn(1, 2 * G, 32, generator=torch.Generator().manual_seed(seed))
+    sels = []
+    for fused in (False, True):
+        idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, search_mode="masked", fused_scores=fused)
+        idx.build(keys[:, :, :T], page_size=16)
+        for i in range(adds):
+            idx.add(keys[:, :, T + 16 * i : T + 16 * (i + 1)])
+        sels.append((idx.search(q, k).page_ids, idx.last_scanned_fraction))
+    assert torch.equal(sels[0][0], sels[1][0]), (T, seed, sels)
+    assert sels[0][1] == sels[1][1]
+print("ok")
+"""
+
+
+def test_fused_page_scores_select_what_the_dense_scan_selects():
+    """The masked search with page maxima from kernels.page_scores.token_page_scores (Triton interpreter, CPU)
+    selects what it selects from the dense fp32 scan, also after insertions."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _FUSED_INTERP], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 def test_masked_search_rejects_pruning():
     idx = DCITreeIndex(search_mode="masked", ratio_1=0.05, min_field_of_view=4)
     idx.build(clustered_keys(T=600), page_size=16)

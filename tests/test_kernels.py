@@ -211,6 +211,40 @@ def test_page_scores_match_reference_cuda(D, Hq, dtype):
     assert (ids[1, 0] == -1).all() and (ids[0, 1] < 17).all()
 
 
+def token_pages(B, H, T, C, S, g) -> torch.Tensor:
+    """A page table over a token-ordered key store, as the dci_tree index keeps it: every token in one page,
+    pages filled from the front with ragged lengths, the last pages empty. -> [B, H, C, S] int64 (-1: empty)."""
+    out = torch.full((B, H, C, S), -1, dtype=torch.int64)
+    for b in range(B):
+        for h in range(H):
+            perm, at = torch.randperm(T, generator=g), 0
+            for c in range(C - 2):
+                n = min(int(torch.randint(1, S + 1, (1,), generator=g)), T - at)
+                out[b, h, c, :n] = perm[at : at + n]
+                at += n
+    return out
+
+
+def check_token_page_scores(q, keys, page_tok) -> None:
+    from kernels.page_scores import token_page_scores, token_page_scores_ref
+
+    got, ref = token_page_scores(q, keys, page_tok), token_page_scores_ref(q, keys, page_tok)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref)) and torch.isneginf(ref).any()
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("G", [1, 4, 7])
+@pytest.mark.parametrize("D", [64, 128])
+def test_token_page_scores_match_reference_cuda(D, G):
+    g = torch.Generator().manual_seed(D + G)
+    keys = torch.randn(3, 2, 5000, D, generator=g).to(torch.bfloat16)
+    check_token_page_scores(torch.randn(3, 2 * G, D, generator=g).cuda(), keys.cuda(),
+                            token_pages(3, 2, 5000, 400, 16, g).cuda())
+
+
 # ----------------------------------------------------------------------------------- interpreter (CPU)
 def _interpret(check: str) -> None:
     """Run ``_interpreter_check(check)`` in a fresh interpreter with ``TRITON_INTERPRET=1``."""
@@ -280,6 +314,8 @@ def _interpreter_check(check: str) -> None:  # runs in the child, TRITON_INTERPR
             got, ref = exact_page_scores(q, pool, lens), exact_page_scores_ref(q, pool, lens)
             assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
             torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-4, rtol=1e-4)
+            keys = torch.randn(2, 2, 90, 32, generator=g).to(dtype)
+            check_token_page_scores(torch.randn(2, 2 * G, 32, generator=g), keys, token_pages(2, 2, 90, 30, 4, g))
             lo = torch.randn(2, 2, 70, 32, generator=g)
             hi = lo + torch.rand(2, 2, 70, 32, generator=g)
             num = torch.tensor([[70, 3], [0, 69]])

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from kvpolicy.attention import _triton_available
 from kvpolicy.interfaces import PageAllocator
+from kvpolicy.ops import triton_available
 from kvpolicy.types import PAD, Reservation, Selection
 
 __all__ = ["LRUAllocator"]
@@ -89,7 +89,7 @@ class LRUAllocator(PageAllocator):
     def _use_kernel(self, N: int) -> bool:
         if self.kernel is not None:
             return self.kernel
-        if self.device.type != "cuda" or self._checking or not _triton_available():
+        if self.device.type != "cuda" or self._checking or not triton_available():
             return False
         from kernels.lru_reserve import MAX_SLOTS
 
