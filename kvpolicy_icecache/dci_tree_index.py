@@ -883,7 +883,7 @@ class DCITreeIndex(Index):
         search. The tables are updated in place by ``add``; a reallocation (capacity growth, build) changes the key
         and triggers a new capture."""
         tabs = (self._keys, self._parent, self._tok_page, self._tok_cell, self._page_len, self._subtree,
-                self._num_pages)
+                self._num_pages, self._page_tok)
         key = (tuple(t.data_ptr() for t in tabs), tuple(self._keys.shape), tuple(self._page_len.shape), q.shape, k)
         if self._graph is None or self._graph[0] != key:
             sq, sf = q.clone(), torch.tensor(fov, device=q.device)
