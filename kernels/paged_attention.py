@@ -55,6 +55,7 @@ def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap,
 @triton.jit(do_not_specialize=["H", "G", "Ts", "Tw", "K", "N", "NS", "PPS"])
 def _split_kernel(
     q_ptr, sk_ptr, sv_ptr, pk_ptr, pv_ptr, plen_ptr, slots_ptr, wk_ptr, wv_ptr,
+    wlen_ptr,  # WIN_FROM_PTR: [1] int, the window's valid tokens (<= Tw); read on the device
     part_ptr,  # fp32 partials of R = B*Hkv*NS*G rows: m [R], then l [R], then acc [R, D]
     H, G, D, S, Ts, Tw, K, N, NS, PPS,
     sq_b, sq_h,  # q: [B, Hq, D], last dim contiguous
@@ -63,7 +64,7 @@ def _split_kernel(
     sw_b, sw_h, sw_t,  # win_k and win_v: [B, Hkv, Tw, D], one layout
     qk_scale, softcap,
     G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_T: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_T: tl.constexpr, WIN_FROM_PTR: tl.constexpr,
 ):
     # slot_len: [B, Hkv, N] and slots: [B, Hkv, K] are contiguous
     bh = tl.program_id(0).to(tl.int64)
@@ -91,6 +92,8 @@ def _split_kernel(
             k = tl.load(sk_ptr + off, mask=msk, other=0.0)
             v = tl.load(sv_ptr + off, mask=msk, other=0.0)
             m_i, l_i, acc = _attend_tile(q, k, v, ok, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP, PRECISION)
+        if WIN_FROM_PTR:  # a fixed-size window buffer whose valid length lives on the device (CUDA graphs)
+            Tw = tl.minimum(tl.load(wlen_ptr).to(tl.int32), Tw)
         for t0 in range(0, Tw, BLOCK_T):
             t = t0 + offs_t
             ok = t < Tw
@@ -208,6 +211,7 @@ def paged_decode_attention_triton(
     *,
     out: torch.Tensor | None = None,  # [B, Hq, D] q.dtype; written in full
     pages_per_split: int | None = None,  # power of two; default ``choose_pages_per_split()``
+    win_len: torch.Tensor | None = None,  # [1] int on q's device: valid window tokens (win_k holds Tw >= it)
 ) -> torch.Tensor:  # [B, Hq, D] q.dtype
     """Triton paged decode attention; the semantics of ``kvpolicy.attention.paged_decode_attention``.
 
@@ -257,9 +261,12 @@ def paged_decode_attention_triton(
             f"and {slot_v.stride()}"
         )
     slots, slot_len = slots.contiguous(), slot_len.contiguous()
+    if win_len is not None and (win_len.numel() != 1 or win_len.is_floating_point() or win_len.device != q.device):
+        raise ValueError(f"win_len must be a 1-element integer tensor on {q.device}, got {tuple(win_len.shape)} "
+                         f"{win_len.dtype} on {win_len.device}")
     _split_kernel[(B * H, NS)](
         q, _storage(sink_k), _storage(sink_v), _storage(slot_k), _storage(slot_v), _storage(slot_len),
-        _storage(slots), _storage(win_k), _storage(win_v), part,
+        _storage(slots), _storage(win_k), _storage(win_v), win_len if win_len is not None else part, part,
         H, G, D, S, Ts, Tw, K, N, NS, pps,
         q.stride(0), q.stride(1),
         sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
@@ -267,7 +274,8 @@ def paged_decode_attention_triton(
         win_k.stride(0), win_k.stride(1), win_k.stride(2),
         qk_scale, float(softcap) if has_softcap else 1.0,
         G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, BLOCK_T=BLOCK_T,
-        HAS_SOFTCAP=has_softcap, PRECISION=precision, DOT_T=dot_t, num_warps=4 if BLOCK_D <= 128 else 8,
+        HAS_SOFTCAP=has_softcap, PRECISION=precision, DOT_T=dot_t, WIN_FROM_PTR=win_len is not None,
+        num_warps=4 if BLOCK_D <= 128 else 8,
     )
     _reduce_kernel[(B * Hq,)](part, out, Hq, G, D, NS, *out.stride(), BLOCK_NS=16, BLOCK_D=BLOCK_D, num_warps=4)
     return out

@@ -50,6 +50,7 @@ def decode_attention(
     win_v: torch.Tensor,  # [B, Hkv, Tw, D]
     scaling: float,
     softcap: float | None = None,
+    win_len: torch.Tensor | None = None,  # [1] int: only the first win_len window tokens count (device-side)
 ) -> torch.Tensor:  # [B, Hq, D]
     """``paged_decode_attention`` through the Triton kernel (``kernels.paged_attention``) on CUDA when triton
     is installed, else through the torch reference; ``KVPOLICY_ATTENTION`` overrides (``attention_backend``).
@@ -60,8 +61,8 @@ def decode_attention(
     if attention_backend(q) == "triton":
         from kernels.paged_attention import paged_decode_attention_triton
 
-        return paged_decode_attention_triton(*args)
-    return paged_decode_attention(*args)
+        return paged_decode_attention_triton(*args, win_len=win_len)
+    return paged_decode_attention(*args, win_len=win_len)
 
 
 def paged_decode_attention(
@@ -76,6 +77,7 @@ def paged_decode_attention(
     win_v: torch.Tensor,  # [B, Hkv, Tw, D]
     scaling: float,
     softcap: float | None = None,
+    win_len: torch.Tensor | None = None,  # [1] int: valid window tokens (default: all Tw)
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of one query token per row over the sink, the selected pages and the window.
 
@@ -97,7 +99,10 @@ def paged_decode_attention(
     keys = torch.cat([sink_k, sel_k, win_k], dim=2).float()  # [B, H, L, D]
     vals = torch.cat([sink_v, sel_v, win_v], dim=2).float()
     ones = lambda t: torch.ones(B, H, t.shape[2], dtype=torch.bool, device=q.device)  # noqa: E731
-    mask = torch.cat([ones(sink_k), sel_mask, ones(win_k)], dim=2)  # [B, H, L]
+    win_mask = ones(win_k)
+    if win_len is not None:  # a fixed-size window buffer: tokens at or past win_len do not count
+        win_mask = win_mask & (torch.arange(win_k.shape[2], device=q.device) < win_len.to(q.device).reshape(()))
+    mask = torch.cat([ones(sink_k), sel_mask, win_mask], dim=2)  # [B, H, L]
     qg = q.float().view(B, H, G, D)
     logits = torch.einsum("bhgd,bhld->bhgl", qg, keys) * scaling  # [B, H, G, L]
     if softcap:

@@ -236,6 +236,14 @@ def check_token_page_scores(q, keys, page_tok) -> None:
 
 @pytest.mark.cuda
 @needs_triton
+def test_window_length_on_the_device_cuda():
+    from kernels.paged_attention import paged_decode_attention_triton
+
+    check_window_length(paged_decode_attention_triton, device="cuda")
+
+
+@pytest.mark.cuda
+@needs_triton
 @pytest.mark.parametrize("G", [1, 4, 7])
 @pytest.mark.parametrize("D", [64, 128])
 def test_token_page_scores_match_reference_cuda(D, G):
@@ -243,6 +251,22 @@ def test_token_page_scores_match_reference_cuda(D, G):
     keys = torch.randn(3, 2, 5000, D, generator=g).to(torch.bfloat16)
     check_token_page_scores(torch.randn(3, 2 * G, D, generator=g).cuda(), keys.cuda(),
                             token_pages(3, 2, 5000, 400, 16, g).cuda())
+
+
+def check_window_length(fn, device="cpu") -> None:
+    """``fn`` over a window buffer of 40 tokens with ``win_len`` valid (a device scalar) equals ``fn`` over the
+    first ``win_len`` tokens only: the fixed-shape form a captured decode step uses."""
+    for Tw in (0, 1, 17, 40):
+        args = attention_inputs(1, 2, 4, 32, 3, 40, 12, 4, 9, seed=Tw, device=device)
+        q, sk, sv, pk, pv, sl, slots, wk, wv = args
+        wl = torch.tensor([Tw], device=device)
+        full = fn(q, sk, sv, pk, pv, sl, slots, wk.clone(), wv.clone(), 0.2, None, win_len=wl)
+        cut = fn(q, sk, sv, pk, pv, sl, slots, wk[:, :, :Tw], wv[:, :, :Tw], 0.2, None)
+        torch.testing.assert_close(full, cut, atol=2e-5, rtol=1e-4)
+
+
+def test_window_length_on_the_device_matches_a_sliced_window():
+    check_window_length(paged_decode_attention)
 
 
 # ----------------------------------------------------------------------------------- interpreter (CPU)
@@ -273,6 +297,7 @@ def _interpreter_check(check: str) -> None:  # runs in the child, TRITON_INTERPR
             paged_decode_attention_triton(*args, 1 / math.sqrt(D), softcap, out=out, pages_per_split=pps)
             tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
             check_attention(out, args, 1 / math.sqrt(D), softcap, **tol)
+        check_window_length(paged_decode_attention_triton)
         q, sk, sv, pk, pv, sl, slots, wk, wv = attention_inputs(1, 2, 4, 16, 3, 2, 12, 4, 9)
         pv_t = pv.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other layout
         try:
