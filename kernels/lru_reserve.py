@@ -33,7 +33,8 @@ def _lru_reserve_kernel(
     slot_page, last_used, pins,  # [R, N + 1] int64, int64, int32: page held, last use, pin count (+ trash column)
     page_slot,  # [R, P + 1] int64: slot of each page (-1: not resident) (+ trash column)
     out_slots, out_missing, out_evicted,  # [R, K] int64, bool, int64
-    clock, K, N, P,
+    clock_ptr,  # [1] int64: this reservation's time stamp, read on the device
+    K, N, P,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -77,6 +78,7 @@ def _lru_reserve_kernel(
     tl.store(page_slot + r * (P + 1) + tl.maximum(page, 0), slots, mask=ins & (page < P))
     tl.store(slot_page + r * (N + 1) + tl.maximum(slots, 0), page, mask=ins)
     sel = kin & valid & (slots >= 0)
+    clock = tl.load(clock_ptr)
     tl.store(last_used + r * (N + 1) + tl.maximum(slots, 0), tl.full([BLOCK_K], 0, tl.int64) + clock, mask=sel)
     tl.store(pins + r * (N + 1) + tl.maximum(slots, 0),
              tl.load(pins + r * (N + 1) + tl.maximum(slots, 0), mask=sel, other=0) + 1, mask=sel)
@@ -88,9 +90,10 @@ def lru_reserve(
     pins: torch.Tensor,  # [B, H, N + 1] int32
     page_slot: torch.Tensor,  # [B, H, P + 1] int64
     ids: torch.Tensor,  # [B, H, K] int64, distinct per row, < P
-    clock: int,
+    clock: torch.Tensor,  # [1] int64 on the device: the time stamp of this reservation
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # slots [B, H, K] int64, missing bool, evicted int64
-    """Reserve slots for ``ids`` and update the tables in place (asynchronous: no host synchronisation).
+    """Reserve slots for ``ids`` and update the tables in place (asynchronous: no host synchronisation; every
+    input, the clock included, is read on the device, so the launch can be captured in a CUDA graph).
     The caller guarantees what the torch path checks (enough evictable slots, ids below ``P``)."""
     B, H, N1 = slot_page.shape
     N, P, K = N1 - 1, page_slot.shape[-1] - 1, ids.shape[-1]
@@ -99,7 +102,8 @@ def lru_reserve(
     if ids.shape[:2] != (B, H) or page_slot.shape[:2] != (B, H):
         raise ValueError(f"ids {tuple(ids.shape)} / page_slot {tuple(page_slot.shape)} do not match [B={B}, H={H}]")
     for name, t, dt in (("slot_page", slot_page, torch.int64), ("last_used", last_used, torch.int64),
-                        ("pins", pins, torch.int32), ("page_slot", page_slot, torch.int64), ("ids", ids, torch.int64)):
+                        ("pins", pins, torch.int32), ("page_slot", page_slot, torch.int64), ("ids", ids, torch.int64),
+                        ("clock", clock, torch.int64)):
         if t.dtype != dt or not t.is_contiguous():
             raise TypeError(f"{name} must be a contiguous {dt} tensor, got {t.dtype}")
     slots = torch.empty_like(ids)

@@ -67,3 +67,10 @@ class UVATransfer(Transfer):
 
     def wait(self, handle: TransferHandle) -> None:
         return None
+
+    def capture_key(self, src_pool, dst_pool) -> tuple | None:
+        """The direct path is one kernel and two small reductions: capturable; the key pins both pools."""
+        if self.check or not self._direct(src_pool, dst_pool):
+            return None
+        ts = (src_pool.k, src_pool.v, src_pool.lengths, dst_pool.k, dst_pool.v, dst_pool.lengths)
+        return tuple((t.data_ptr(), tuple(t.shape)) for t in ts)

@@ -88,6 +88,12 @@ class Index(Part):
     @abstractmethod
     def nbytes(self) -> int: ...
 
+    def capture_key(self, k: int, params: SearchParams | None = None) -> tuple | None:
+        """A hashable key if ``search(queries, k, params=params)`` may be captured in a CUDA graph now, else None
+        (the default). Capturable means: no host synchronisation, no data-dependent shape, and every tensor it
+        reads lives in storage named by the key (a new key makes the caller re-capture). Optional."""
+        return None
+
 
 class Selector(Part):
     """Decides, at each decode step, which pages each KV head attends to besides its sink and window.
@@ -140,6 +146,12 @@ class Selector(Part):
         ``ctx.prev_selection`` is the selection of the layer before it at the same step."""
         return None
 
+    def capture_key(self, ctx: SelectContext) -> tuple | None:
+        """A hashable key if ``select(query, ctx)`` may be captured in a CUDA graph (see ``Index.capture_key``),
+        else None (the default: never). Optional; ``PolicyLayer`` captures a whole decode step only when the
+        selector, the allocator and the transfer all give a key."""
+        return None
+
 
 class PageAllocator(Part):
     """Maps logical pages to GPU slots of one layer and owns eviction of the GPU working set.
@@ -163,6 +175,11 @@ class PageAllocator(Part):
     kind: ClassVar[str] = "allocator"
 
     def ensure_pages(self, num_pages: int) -> None:  # noqa: B027 (optional hook, no-op by default)
+        return None
+
+    def capture_key(self) -> tuple | None:
+        """A hashable key if ``reserve`` and ``release`` may be captured in a CUDA graph (see
+        ``Index.capture_key``), else None (the default). Optional."""
         return None
 
     @abstractmethod
@@ -209,3 +226,8 @@ class Transfer(Part):
 
     @abstractmethod
     def wait(self, handle: TransferHandle) -> None: ...
+
+    def capture_key(self, src_pool: PagePool, dst_pool: PagePool) -> tuple | None:
+        """A hashable key if ``submit``/``wait`` between these pools may be captured in a CUDA graph (see
+        ``Index.capture_key``), else None (the default). Optional."""
+        return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from kvpolicy.policy import Policy
 from kvpolicy.pool import PagePool
 from kvpolicy.types import PAD, SelectContext, Selection
 
-__all__ = ["LayerStats", "PolicyLayer"]
+__all__ = ["GRAPHS_ENV", "LayerStats", "PolicyLayer"]
+
+GRAPHS_ENV = "KVPOLICY_DECODE_GRAPHS"  # "1": capture each layer's decode step in a CUDA graph where possible
 
 
 @dataclass
@@ -74,6 +77,9 @@ class PolicyLayer:
         self.validate = validate  # check every Selection (tests, conformance); off on the hot path
         self.sync_timing = False  # synchronise the device at each phase boundary so LayerStats times are device
         # times (benchmark breakdowns); off by default: the decode path then never waits for the device
+        # experimental: replay select + reserve + transfer + attention + release as one CUDA graph per layer when
+        # the selector, allocator and transfer all offer a capture_key (_capture_key); env KVPOLICY_DECODE_GRAPHS=1
+        self.cuda_graphs = os.environ.get(GRAPHS_ENV, "0").strip() == "1"
         self.stats = LayerStats()
         self.last_selection: Selection | None = None
         self.last_add_layout = None  # layout returned by the last Index.add (read by mirror layers)
@@ -92,6 +98,8 @@ class PolicyLayer:
         self.cpu_pool: PagePool | None = None
         self.gpu_pool: PagePool | None = None
         self._max_pages = 0  # pages of the fullest (b, head) row of the index, known on the host
+        self._graph = None  # (key, CUDAGraph, static query, output, selection) of the captured decode step
+        self._win_len_t = None  # [1] int64 device copy of win_len, read by the captured attention
 
     def reset(self) -> None:
         with contextlib.suppress(Exception):  # a failed job's error is moot once the layer is reset
@@ -293,6 +301,19 @@ class PolicyLayer:
         st = self.stats
         t0 = self._now()
         ctx = self.context(scaling, prev_selection)
+        graph_key = self._capture_key(ctx, query, scaling, softcap) if self.cuda_graphs else None
+        if graph_key is not None:  # the whole device step is one replay (its time is counted as attention)
+            out, sel = self._replay(graph_key, query, ctx, scaling, softcap)
+            t3 = self._now()
+            self.last_selection = sel
+            if self.win_len == self.win_k.shape[2]:
+                self._flush_window_page()
+            t4 = self._now()
+            self.step += 1
+            st.steps += 1
+            st.attention_s += t3 - t0
+            st.insert_s += t4 - t3
+            return out
         if self.index.num_tokens:
             sel = self.selector.select(query, ctx)
             if self.validate:
@@ -331,6 +352,72 @@ class PolicyLayer:
         st.attention_s += t3 - t2
         st.insert_s += t4 - t3
         return out
+
+    # ------------------------------------------------------------------ CUDA-graph decode step (experimental)
+    def _capture_key(self, ctx: SelectContext, query: torch.Tensor, scaling: float, softcap) -> tuple | None:
+        """What a captured step depends on, or None if this step must run eagerly (CPU, checks or phase
+        timing on, sink still filling, unlimited budget, or a part that cannot be captured)."""
+        if (self.device.type != "cuda" or self.validate or self.sync_timing or not self.index.num_tokens
+                or self.budget.retrieved_pages is None or self.sink_k.shape[2] < self.budget.sink_tokens):
+            return None
+        parts = (self.selector.capture_key(ctx), self.allocator.capture_key(),
+                 self.transfer.capture_key(self.cpu_pool, self.gpu_pool))
+        if any(p is None for p in parts):
+            return None
+        own = (self.sink_k, self.sink_v, self.win_k, self.win_v)
+        return parts + tuple((t.data_ptr(), tuple(t.shape)) for t in own) + (
+            tuple(query.shape), query.dtype, float(scaling), softcap, id(self.stats))
+
+    def _device_step(self, q: torch.Tensor, ctx: SelectContext, scaling: float, softcap):
+        """select -> reserve -> transfer -> attention -> release with fixed shapes (the window is the whole
+        buffer with its length on the device); the statistics counters are updated in place."""
+        sel = self.selector.select(q, ctx)
+        res = self.allocator.reserve(sel)
+        handle = self.transfer.submit(self.cpu_pool, torch.where(res.missing, res.page_ids, PAD), self.gpu_pool,
+                                      res.slots)
+        self.transfer.wait(handle)
+        gp = self.gpu_pool
+        out = decode_attention(q, self.sink_k, self.sink_v, gp.k, gp.v, gp.lengths, res.slots, self.win_k,
+                               self.win_v, scaling, softcap, win_len=self._win_len_t)
+        self.allocator.release(res)
+        st = self.stats
+        st.pages_selected += (sel.page_ids >= 0).sum()  # device tensors (made so before capture): in place
+        st.pages_moved += handle.num_pages
+        st.bytes_moved += handle.nbytes
+        return out, sel
+
+    def _replay(self, key: tuple, query: torch.Tensor, ctx: SelectContext, scaling: float, softcap):
+        if self._graph is None or self._graph[0] != key:
+            self._graph = None
+            self._capture(key, query, ctx, scaling, softcap)
+        _, graph, q_buf, out, sel = self._graph
+        q_buf.copy_(query)
+        self._win_len_t.fill_(self.win_len)
+        graph.replay()
+        return out, sel
+
+    def _capture(self, key: tuple, query: torch.Tensor, ctx: SelectContext, scaling: float, softcap) -> None:
+        dev, st = self.device, self.stats
+        counters = ("pages_selected", "pages_moved", "bytes_moved")
+        q_buf = query.clone()
+        self._win_len_t = torch.full((1,), self.win_len, dtype=torch.int64, device=dev)
+        for f in counters:  # in-place device counters, so that the captured adds accumulate
+            v = getattr(st, f)
+            if not (isinstance(v, torch.Tensor) and v.device == dev and v.dtype == torch.int64 and v.dim() == 0):
+                setattr(st, f, torch.as_tensor(v, device=dev).to(torch.int64).reshape(()).clone())
+        selected = st.pages_selected.clone()
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        # warm-up outside the graph (kernel compilation, lazy allocations). It really reserves and loads this
+        # step's pages (the replay then finds them resident), so its moves count but its selection does not
+        with torch.cuda.stream(side):
+            self._device_step(q_buf, ctx, scaling, softcap)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        st.pages_selected.copy_(selected)
+        graph = torch.cuda.CUDAGraph()
+        with capture_lock, torch.cuda.graph(graph, capture_error_mode="thread_local"):  # no job meanwhile
+            out, sel = self._device_step(q_buf, ctx, scaling, softcap)
+        self._graph = (key, graph, q_buf, out, sel)
 
     def _now(self) -> float:
         if self.sync_timing and self.device.type == "cuda":

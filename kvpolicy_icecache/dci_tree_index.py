@@ -846,20 +846,39 @@ class DCITreeIndex(Index):
         if self._L <= 1 or k >= self._min_pages:  # exhaustive: exact ranking of every page
             self._last_scanned = torch.full((BH,), self._n, dtype=torch.int64, device=dev)
             return Selection(page_ids=gqa_merge(self._rank_pages(self._dense_scores(q), k).view(B, H, G, -1), k))
-        masked = self.search_mode == "masked" or (
-            self.search_mode == "auto" and min(pr, pv) >= 1.0 and self._keys.device.type == "cuda"
-        )
+        masked = self._masked(pr, pv)
         if masked and min(pr, pv) < 1.0:
             raise ValueError("search_mode='masked' scans whole cells; prop_to_retrieve/prop_to_visit < 1 need 'beam'")
         if masked:
-            if self.cuda_graphs and dev.type == "cuda":
+            if self.cuda_graphs and dev.type == "cuda" and not torch.cuda.is_current_stream_capturing():
                 return Selection(page_ids=self._graph_search(q, k, fov).clone())
-            return Selection(page_ids=self._masked_merged(q, k, torch.tensor(fov, device=dev)))
+            # (inside a caller's capture, see capture_key: the same work, recorded into the caller's graph)
+            return Selection(page_ids=self._masked_merged(q, k, torch.full((), fov, device=dev)))
         ids = self._search_beam(q, k, fov, pr, pv)
         short = self._short(ids, k)
         if bool(short.any()):
             ids = self._fallback(ids, self._rank_pages(self._dense_scores(q), k), short)
         return Selection(page_ids=gqa_merge(ids.view(B, H, G, -1), k))
+
+    def _masked(self, pr: float, pv: float) -> bool:
+        return self.search_mode == "masked" or (
+            self.search_mode == "auto" and min(pr, pv) >= 1.0 and self._keys.device.type == "cuda"
+        )
+
+    def _tables(self) -> tuple[torch.Tensor, ...]:
+        """The tables the masked search reads (``add`` updates them in place until it reallocates one)."""
+        return (self._keys, self._parent, self._tok_page, self._tok_cell, self._page_len, self._subtree,
+                self._num_pages, self._page_tok)
+
+    def capture_key(self, k: int, params: SearchParams | None = None) -> tuple | None:
+        """The masked search on CUDA is capturable (no host sync, fixed shapes); the exhaustive path is not
+        offered. The key pins the tables' storage, ``k`` and the field of view (which grows with the context)."""
+        if self._keys is None or self._keys.device.type != "cuda" or self._n == 0 or k == 0:
+            return None
+        fov, pr, pv = self._params(params)
+        if self._L <= 1 or k >= self._min_pages or not self._masked(pr, pv) or min(pr, pv) < 1.0:
+            return None
+        return tuple((t.data_ptr(), tuple(t.shape)) for t in self._tables()) + (k, fov, self._B, self._H)
 
     def _short(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         """(row, head) pairs whose descent found fewer than min(k, pages) pages (tiny trees): [BH, G] bool."""
@@ -882,9 +901,8 @@ class DCITreeIndex(Index):
         """``_masked_merged`` replayed from a CUDA graph: capture once per (tables, G, k), then one launch per
         search. The tables are updated in place by ``add``; a reallocation (capacity growth, build) changes the key
         and triggers a new capture."""
-        tabs = (self._keys, self._parent, self._tok_page, self._tok_cell, self._page_len, self._subtree,
-                self._num_pages, self._page_tok)
-        key = (tuple(t.data_ptr() for t in tabs), tuple(self._keys.shape), tuple(self._page_len.shape), q.shape, k)
+        key = (tuple(t.data_ptr() for t in self._tables()), tuple(self._keys.shape), tuple(self._page_len.shape),
+               q.shape, k)
         if self._graph is None or self._graph[0] != key:
             sq, sf = q.clone(), torch.tensor(fov, device=q.device)
             side = torch.cuda.Stream(device=q.device)

@@ -72,6 +72,14 @@ class IceCacheSelector(Selector):
             extra=base.extra,
         )
 
+    def capture_key(self, ctx: SelectContext) -> tuple | None:
+        """Anchor layers whose index search is capturable (the ``dci_tree`` masked search on CUDA); layers that
+        reuse an anchor's selection run eagerly (they only mask the anchor's ids)."""
+        if not self.is_anchor(ctx.layer):
+            return None
+        key = ctx.index.capture_key(ctx.k, self.search_params(ctx))
+        return None if key is None else ("icecache", key)
+
     def select(self, query: torch.Tensor, ctx: SelectContext) -> Selection:  # query: [B, Hq, D]
         if not self.is_anchor(ctx.layer):
             prev = ctx.prev_selection

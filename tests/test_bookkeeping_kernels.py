@@ -98,11 +98,12 @@ def test_kernel_launcher_rejects_bad_tables():
     sp = torch.full((1, 1, MAX_SLOTS + 2), -1, dtype=torch.int64)
     with pytest.raises(ValueError, match="at most"):
         lru_reserve(sp, torch.zeros_like(sp), torch.zeros_like(sp, dtype=torch.int32),
-                    torch.full((1, 1, 9), -1, dtype=torch.int64), torch.zeros((1, 1, 2), dtype=torch.int64), 1)
+                    torch.full((1, 1, 9), -1, dtype=torch.int64), torch.zeros((1, 1, 2), dtype=torch.int64),
+                    torch.ones(1, dtype=torch.int64))
     sp = torch.full((1, 1, 5), -1, dtype=torch.int64)
     with pytest.raises(TypeError, match="pins"):
         lru_reserve(sp, torch.zeros_like(sp), torch.zeros_like(sp), torch.full((1, 1, 9), -1, dtype=torch.int64),
-                    torch.zeros((1, 1, 2), dtype=torch.int64), 1)
+                    torch.zeros((1, 1, 2), dtype=torch.int64), torch.ones(1, dtype=torch.int64))
 
 
 @pytest.mark.cuda

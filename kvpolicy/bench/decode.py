@@ -91,6 +91,17 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+GRAPHS_SUFFIX = "+graphs"
+
+
+def split_graphs(variant: str) -> tuple[str, bool]:
+    """``"icecache@cuda:uva+graphs"`` -> ``("icecache@cuda:uva", True)``: the suffix turns on the experimental
+    per-layer CUDA-graph decode step (``PolicyLayer.cuda_graphs``) for that variant only."""
+    if variant.endswith(GRAPHS_SUFFIX):
+        return variant[: -len(GRAPHS_SUFFIX)], True
+    return variant, False
+
+
 def _policy_layers(cache) -> list:
     return [cache.layers[i].state for i in getattr(cache, "policy_layers", [])]
 
@@ -202,7 +213,8 @@ def bench_decode(
     dev = model.device
     pols = {}
     for name in cfg.policies:  # resolve everything before the first prefill: bad names fail fast
-        preset, idx_dev, transfer = split_placement(name)  # "icecache@cuda:uva": index on the GPU, uva transfer
+        spec, _ = split_graphs(name)  # "...+graphs": capture each layer's decode step (PolicyLayer.cuda_graphs)
+        preset, idx_dev, transfer = split_placement(spec)  # "icecache@cuda:uva": index on the GPU, uva transfer
         pol = Policy.resolve(preset, budget=cfg.budget).placed(idx_dev or cfg.index_device, transfer)
         pols[name] = pol
     variants: list[tuple[str, Any]] = ([("dense", None)] if cfg.dense else []) + list(pols.items())
@@ -231,6 +243,8 @@ def bench_decode(
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
         cache = DynamicCache(config=model.config) if pol is None else KVPolicyCache(model, pol)
+        for la in _policy_layers(cache):
+            la.cuda_graphs = split_graphs(vname)[1]
         try:
             with _sdpa(cfg.sdpa_backend):
                 row.update(_run_variant(model, ids, cache, cfg))

@@ -49,7 +49,8 @@ class LRUAllocator(PageAllocator):
         self._pins = torch.zeros((B, H, N + 1), dtype=torch.int32, device=self.device)
         self._page_slot = torch.full((B, H, 1), PAD, dtype=torch.int64, device=self.device)  # per page (+ trash)
         self._sized = False  # True once ensure_pages() gave a bound on page ids (no read-back in lookup)
-        self._clock = 0
+        self._clock = 0  # the torch path's time stamp; the kernel path keeps its own on the device:
+        self._clock_t = torch.zeros(1, dtype=torch.int64, device=self.device)  # (capturable: read by the kernel)
 
     def reset(self) -> None:
         B, H, N1 = self._slot_page.shape
@@ -95,6 +96,13 @@ class LRUAllocator(PageAllocator):
 
         return N <= MAX_SLOTS
 
+    def capture_key(self) -> tuple | None:
+        """The kernel path is capturable (its clock is a device tensor); the key pins the tables' storage."""
+        if not self._use_kernel(self.num_slots):
+            return None
+        ts = (self._slot_page, self._last_used, self._pins, self._page_slot, self._clock_t)
+        return tuple((t.data_ptr(), tuple(t.shape)) for t in ts)
+
     def reserve(self, selection: Selection) -> Reservation:
         ids = selection.page_ids.to(self.device)  # [B, H, K]
         B, H, N1 = self._slot_page.shape
@@ -106,14 +114,15 @@ class LRUAllocator(PageAllocator):
             raise ValueError(f"selection holds up to {int((ids >= 0).sum(-1).max())} pages but only {N} GPU slots exist")
         if not self._sized and ids.numel():
             self._grow(int(ids.max()) + 1)
-        self._clock += 1
         if self._use_kernel(N):
             from kernels.lru_reserve import lru_reserve
 
             ids = ids.long().contiguous()
+            self._clock_t += 1
             slots, missing, evicted = lru_reserve(self._slot_page, self._last_used, self._pins, self._page_slot,
-                                                  ids, self._clock)
+                                                  ids, self._clock_t)
             return Reservation(page_ids=ids, slots=slots, missing=missing, evicted=evicted)
+        self._clock += 1
         valid = ids >= 0
         cur = self.lookup(ids)  # [B, H, K]
         P = self._page_slot.shape[-1] - 1
