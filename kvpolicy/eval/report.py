@@ -97,6 +97,15 @@ def _fidelity_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _legend(axes) -> None:
+    """One legend (in the last panel) naming every policy drawn in any panel."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    axes[-1].legend(list(seen.values()), list(seen), fontsize=7, loc="best")
+
+
 def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """Write the PNG plots; returns their paths."""
     import matplotlib
@@ -139,7 +148,7 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
             ax.set_xlabel("budget (tokens)")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("average score (%)")
-        axes[0][-1].legend(fontsize=7, loc="best")
+        _legend(axes[0])
         fig.suptitle(f"{model}: accuracy vs budget")
         fig.tight_layout()
         p = out_dir / f"{model}_accuracy_vs_budget.png"
@@ -163,7 +172,7 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
                 ax.set_xlabel("context (tokens)")
                 ax.grid(alpha=0.3)
             axes[0][0].set_ylabel("average score (%)")
-            axes[0][-1].legend(fontsize=7, loc="best")
+            _legend(axes[0])
             fig.suptitle(f"{model}: accuracy vs context length")
             fig.tight_layout()
             p = out_dir / f"{model}_accuracy_vs_length.png"
