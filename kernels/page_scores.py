@@ -133,17 +133,25 @@ def exact_page_scores(
     check_shape("pool_k", pool_k, (B, H, C, S, D), "[B, Hkv, C, S, D]")
     check_shape("lengths", lengths, (B, H, C), "[B, Hkv, C]")
     check_device("q", q, pool_k=pool_k, lengths=lengths)
-    out = torch.empty((B, Hq, C), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    out, done = _scores_out(B, Hq, C, S, D, q.device)
+    if done:
         return out
-    if S == 0 or D == 0:
-        return out.fill_(float("-inf"))
     if q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting()):
         precision, dot_t = "ieee", tl.float32  # see kernels.paged_attention.dot_config
     else:
         precision, dot_t = "tf32", tl.float16 if q.dtype == torch.float16 else tl.bfloat16
     _launch_exact(q, pool_k, lengths.contiguous(), out, H, G, C, S, D, pool_k.stride(), precision, dot_t, False)
     return out
+
+
+def _scores_out(B: int, Hq: int, C: int, S: int, D: int, device) -> tuple[torch.Tensor, bool]:
+    """The [B, Hq, C] float32 output, and whether it is already final (nothing to score: empty, or all -inf)."""
+    out = torch.empty((B, Hq, C), dtype=torch.float32, device=device)
+    if out.numel() == 0:
+        return out, True
+    if S == 0 or D == 0:
+        return out.fill_(float("-inf")), True
+    return out, False
 
 
 def _launch_exact(q, keys, pages, out, H, G, C, S, D, k_strides, precision, dot_t, indirect) -> None:
@@ -177,11 +185,9 @@ def token_page_scores(
     check_shape("keys", keys, (B, H, keys.shape[2], D), "[B, Hkv, T, D]")
     check_shape("page_tok", page_tok, (B, H, C, S), "[B, Hkv, C, S]")
     check_device("q", q, keys=keys, page_tok=page_tok)
-    out = torch.empty((B, Hq, C), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    out, done = _scores_out(B, Hq, C, S, D, q.device)
+    if done:
         return out
-    if S == 0 or D == 0:
-        return out.fill_(float("-inf"))
     ks = keys.stride()
     _launch_exact(q, keys, page_tok.contiguous(), out, H, G, C, S, D, (ks[0], ks[1], ks[2], 0, ks[3]), "ieee",
                   tl.float32, True)

@@ -305,14 +305,8 @@ class PolicyLayer:
         if graph_key is not None:  # the whole device step is one replay (its time is counted as attention)
             out, sel = self._replay(graph_key, query, ctx, scaling, softcap)
             t3 = self._now()
-            self.last_selection = sel
-            if self.win_len == self.win_k.shape[2]:
-                self._flush_window_page()
-            t4 = self._now()
-            self.step += 1
-            st.steps += 1
             st.attention_s += t3 - t0
-            st.insert_s += t4 - t3
+            self._end_step(sel, t3)
             return out
         if self.index.num_tokens:
             sel = self.selector.select(query, ctx)
@@ -338,20 +332,23 @@ class PolicyLayer:
         )
         self.allocator.release(res)
         t3 = self._now()
-        self.last_selection = sel
-        if self.win_len == self.win_k.shape[2]:
-            self._flush_window_page()
-        t4 = self._now()
-        self.step += 1
-        st.steps += 1
+        self._end_step(sel, t3)
         st.pages_selected += (sel.page_ids >= 0).sum()  # a tensor: counted without reading back from the device
         st.pages_moved += handle.num_pages
         st.bytes_moved += handle.nbytes
         st.select_s += t1 - t0
         st.transfer_s += t2 - t1
         st.attention_s += t3 - t2
-        st.insert_s += t4 - t3
         return out
+
+    def _end_step(self, sel: Selection, t3: float) -> None:
+        """After the attention: keep the selection, move a full window page out (``insert_s``), count the step."""
+        self.last_selection = sel
+        if self.win_len == self.win_k.shape[2]:
+            self._flush_window_page()
+        self.stats.insert_s += self._now() - t3
+        self.step += 1
+        self.stats.steps += 1
 
     # ------------------------------------------------------------------ CUDA-graph decode step (experimental)
     def _capture_key(self, ctx: SelectContext, query: torch.Tensor, scaling: float, softcap) -> tuple | None:
