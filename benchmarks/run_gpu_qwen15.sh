@@ -5,6 +5,7 @@
 set -u
 export GGUF=/tmp/q/q15.gguf NAME=qwen2.5-1.5b PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 KVPOLICY_CACHE=/tmp/kvc
 export SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+export RESUME=benchmarks/results/eval_qwen15_h200.jsonl
 bash benchmarks/run_gpu_eval.sh ruler,passkey 4k 64,256 1 "$1"
 bash benchmarks/run_gpu_eval.sh passkey,niah_single_2,niah_multikey_1,qa_squad 16k,32k 256 1 "$2"
 timeout 120 python3 -m kvpolicy.cli bench decode --model "$GGUF" --policy icecache@cuda:uva,quest:uva --budget 256 \
