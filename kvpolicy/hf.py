@@ -275,8 +275,9 @@ class KVPolicyCache(_get_dynamic_cache()):
         return cache
 
     def memory(self) -> dict[str, int]:
-        """Bytes of KV on the compute device, KV in CPU memory and index metadata, over all layers."""
-        tot = {"device_kv": 0, "cpu_kv": 0, "index": 0}
+        """Bytes of KV on the compute device, KV in CPU memory, index metadata and the part of it on the compute
+        device, over all layers."""
+        tot = {"device_kv": 0, "cpu_kv": 0, "index": 0, "index_on_device": 0}
         for layer in self.layers:
             if isinstance(layer, PolicyCacheLayer):
                 for k, v in layer.state.memory().items():

@@ -461,9 +461,12 @@ class PolicyLayer:
 
     # ------------------------------------------------------------------ accounting
     def memory(self) -> dict[str, int]:
-        """Bytes: KV on the compute device (sink, window, slots), KV in CPU pages, index metadata."""
+        """Bytes: KV on the compute device (sink, window, slots), KV in CPU pages, index metadata, and how much
+        of that index lives on the compute device (an index searching there may hold keys of its own)."""
         if not self.prefilled:
-            return {"device_kv": 0, "cpu_kv": 0, "index": 0}
+            return {"device_kv": 0, "cpu_kv": 0, "index": 0, "index_on_device": 0}
         self.wait_ready()
         dev = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v)) + self.gpu_pool.kv_nbytes
-        return {"device_kv": dev, "cpu_kv": self.cpu_pool.kv_nbytes, "index": self.index.nbytes}
+        idx = self.index.nbytes
+        on_dev = self.device.type != "cpu" and torch.device(self.index.device).type == self.device.type
+        return {"device_kv": dev, "cpu_kv": self.cpu_pool.kv_nbytes, "index": idx, "index_on_device": idx if on_dev else 0}

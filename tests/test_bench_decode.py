@@ -31,6 +31,7 @@ def test_bench_decode_rows(tiny):
     for r in (quest, stream):
         assert 0 < r["device_kv_fraction"] < 0.5  # most of the KV lives in CPU pages
         assert r["cpu_kv_bytes"] > 0
+        assert r["index_device_bytes"] == 0  # a CPU run: no index lives on a compute device
         for k in ("select_ms", "transfer_ms", "attention_ms", "insert_ms", "rest_ms", "breakdown_step_ms"):
             assert r[k] >= 0, k
         assert r["select_ms"] + r["transfer_ms"] + r["attention_ms"] <= r["breakdown_step_ms"]

@@ -110,3 +110,15 @@ def test_short_prompt_fills_sink_first():
     for _ in range(30):
         layer.decode(torch.randn(1, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8), scaling=0.3)
     assert layer.sink_k.shape[2] == 32 and layer.seq_len == 40 and layer.win_len == 8
+
+
+def test_layer_memory_says_where_the_index_lives():
+    from kvpolicy.layer import PolicyLayer
+
+    layer = PolicyLayer(Policy.preset("icecache", budget=128), 3)
+    assert layer.memory() == {"device_kv": 0, "cpu_kv": 0, "index": 0, "index_on_device": 0}
+    keys = torch.randn(1, 2, 600, 32)
+    layer.prefill(keys, torch.randn_like(keys))
+    mem = layer.memory()
+    assert mem["index"] > 0 and mem["index_on_device"] == 0  # CPU compute device: nothing counts as "on device"
+    assert mem["cpu_kv"] > mem["device_kv"] > 0

@@ -112,7 +112,7 @@ def _kv_bytes(cache) -> dict[str, int]:
     if isinstance(cache, KVPolicyCache):
         return cache.memory()
     dev = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers if getattr(x, "keys", None) is not None)
-    return {"device_kv": dev, "cpu_kv": 0, "index": 0}
+    return {"device_kv": dev, "cpu_kv": 0, "index": 0, "index_on_device": 0}
 
 
 @torch.inference_mode()
@@ -165,6 +165,7 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
     mem = _kv_bytes(cache)
     tot = mem["device_kv"] + mem["cpu_kv"]
     row.update({"device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"], "index_bytes": mem["index"],
+                "index_device_bytes": mem["index_on_device"],
                 "device_kv_fraction": mem["device_kv"] / tot if tot else None})
     return row
 
@@ -293,7 +294,7 @@ def print_table(rows: list[dict]) -> None:
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     t = Table(title="decode latency and memory (per output token; breakdown summed over layers, device-synced)")
     for c in ("length", "variant", "TTFT s", "TTST s", "TPOT ms", "× dense", "select", "transfer", "attn",
-              "insert", "rest", "GB/s", "dev KV MiB", "KV on dev", "CPU KV MiB", "index MiB"):
+              "insert", "rest", "GB/s", "dev KV MiB", "KV on dev", "CPU KV MiB", "index MiB (on dev)"):
         t.add_column(c, justify="left" if c == "variant" else "right")
     for r in rows:
         if "error" in r:
@@ -305,13 +306,14 @@ def print_table(rows: list[dict]) -> None:
             f(r.get("attention_ms"), ".2f"), f(r.get("insert_ms"), ".2f"), f(r.get("rest_ms"), ".2f"),
             f(r.get("transfer_gbps"), ".2f"), f(r["device_kv_bytes"] / 2**20, ".1f"),
             f(r["device_kv_fraction"], ".1%") if r.get("device_kv_fraction") is not None else "-",
-            f(r["cpu_kv_bytes"] / 2**20, ".1f"), f(r["index_bytes"] / 2**20, ".1f"),
+            f(r["cpu_kv_bytes"] / 2**20, ".1f"),
+            f"{r['index_bytes'] / 2**20:.1f} ({r.get('index_device_bytes', 0) / 2**20:.1f})",
         )
     Console(width=200).print(t)
 
 
 def plot_decode(rows: list[dict], path: str | Path) -> Path:
-    """Time per output token vs context length per variant, device KV bytes on a second axis."""
+    """Time per output token vs context length per variant; KV + index bytes on the device on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,12 +327,12 @@ def plot_decode(rows: list[dict], path: str | Path) -> Path:
         xs = [r["length"] for r in rs]
         color = f"C{i}"
         ax.plot(xs, [r["tpot_ms"] for r in rs], "o-", color=color, label=f"{v} time/token")
-        ax2.plot(xs, [r["device_kv_bytes"] / 2**30 for r in rs], "s--", color=color, alpha=0.5,
-                 label=f"{v} device KV")
+        ax2.plot(xs, [(r["device_kv_bytes"] + r.get("index_device_bytes", 0)) / 2**30 for r in rs], "s--",
+                 color=color, alpha=0.5, label=f"{v} device KV + index")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("time per output token (ms)")
-    ax2.set_ylabel("KV bytes on the device (GiB, dashed)")
+    ax2.set_ylabel("KV and index bytes on the device (GiB, dashed)")
     ax.set_title(f"decode: {ok[0]['model'] if ok else ''}")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
