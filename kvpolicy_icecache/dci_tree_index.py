@@ -353,7 +353,7 @@ class DCITreeIndex(Index):
             self._keys, self._sq, self._proj, self._parent, self._tok_page, self._tok_slot, self._tok_level,
             self._tok_cell, self._page_tok, self._page_len, self._cell_pages, self._cell_npages, self._cell_size,
             self._cell_M, self._subtree, self._cell_tok, self._M, self._num_pages, self._u, self._scratch,
-            self._c1_cell, self._c1_keys, self._c1_sq,
+            self._c1_cell, self._c1_keys, self._c1_sq, self._cell_anc,
         ]
 
     # ---------------------------------------------------------------- capacity
@@ -512,6 +512,7 @@ class DCITreeIndex(Index):
         self._cell_M = self._M[:, None].expand(BH, C).clone()
         self._scratch = torch.empty((0, D), dtype=self._keys.dtype, device=dev)
         self._subtree = torch.zeros((BH, C), dtype=torch.int64, device=dev)
+        self._cell_anc = self._ancestors()  # [BH, C, L+1] fixed after build (centres and their parents are)
 
         rows = torch.arange(BH, device=dev)
         if T:
@@ -608,15 +609,27 @@ class DCITreeIndex(Index):
             self._add_subtree(nr, nc, ones)
         return row[first], pid[first]
 
-    def _add_subtree(self, rows: torch.Tensor, cells: torch.Tensor, counts: torch.Tensor) -> None:
-        """Add ``counts`` pages to the subtree page count of each cell and of all its ancestors."""
-        cur = cells
-        for _ in range(self._L + 1):
-            ok = cur >= 0
-            self._subtree.index_put_((rows[ok], cur[ok]), counts[ok], accumulate=True)
+    def _ancestors(self) -> torch.Tensor:
+        """Each cell, then its parent cell, and so on up to the root, PAD above: [BH, C, L+1]. Centres and their
+        parents never change after build (``add`` puts new tokens on level 0), so neither does this table."""
+        BH, C = self._subtree.shape
+        rows = torch.arange(BH, device=self._subtree.device)[:, None]
+        cur = torch.arange(C, device=rows.device).expand(BH, C)
+        chain = [cur]
+        for _ in range(self._L):
             tok = self._cell_tok[cur.clamp(min=0)]
             up = self._parent[rows, tok.clamp(min=0)]
-            cur = torch.where(ok & (tok >= 0), up, torch.full_like(cur, PAD))
+            cur = torch.where((cur >= 0) & (tok >= 0), up, torch.full_like(cur, PAD))
+            chain.append(cur)
+        return torch.stack(chain, -1)
+
+    def _add_subtree(self, rows: torch.Tensor, cells: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add ``counts`` pages to the subtree page count of each cell and of all its ancestors: one scatter
+        over the precomputed ancestor chains (PAD entries add 0 to cell 0; no boolean indexing, no sync)."""
+        anc = self._cell_anc[rows, cells.clamp(min=0)]  # [n, L+1]
+        ok = (anc >= 0) & (cells >= 0)[:, None]
+        val = torch.where(ok, counts[:, None], torch.zeros_like(anc))
+        self._subtree.index_put_((rows[:, None].expand_as(anc), anc.clamp(min=0)), val, accumulate=True)
 
     def _layout(self, page_ids: torch.Tensor) -> PageLayout:
         """Layout of the given pages: page_ids [BH, M] PAD-padded."""
