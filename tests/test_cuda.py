@@ -97,7 +97,7 @@ def test_dci_tree_graph_search_follows_adds_and_growth():
     assert len(captures) >= 2  # at least one re-capture after a reallocation
 
 
-@pytest.mark.parametrize("preset", ["icecache", "icecache-reuse"])
+@pytest.mark.parametrize("preset", ["icecache", "icecache-reuse", "icecache-index"])
 def test_captured_decode_steps_match_eager_ones(preset):
     """``PolicyLayer.cuda_graphs``: with the index on the GPU and the ``uva`` transfer, every decode step of
     an anchor layer is one CUDA-graph replay (re-captured when a table grows); outputs, selections and the

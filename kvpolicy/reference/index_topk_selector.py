@@ -20,6 +20,13 @@ class IndexTopKSelector(Selector):
     name: ClassVar[str] = "index_topk"
     requires_index: ClassVar[bool] = True
 
+    def capture_key(self, ctx: SelectContext) -> tuple | None:
+        """Capturable exactly when the index's search is (``Index.capture_key``)."""
+        if ctx.index is None:
+            return None
+        key = ctx.index.capture_key(ctx.k, ctx.search_params)
+        return None if key is None else ("index_topk", key)
+
     def select(self, query: torch.Tensor, ctx: SelectContext) -> Selection:
         if ctx.index is None:
             raise ValueError("selector 'index_topk' needs an index; set policy.index")
