@@ -28,7 +28,7 @@ class FixedShapeLayer(PolicyLayer):
         return self._device_step(query, ctx, scaling, softcap)
 
 
-@pytest.mark.parametrize("preset", ["icecache", "quest", "exact-topk", "streaming"])
+@pytest.mark.parametrize("preset", ["icecache", "icecache-index", "quest", "exact-topk", "streaming"])
 def test_fixed_shape_step_matches_the_eager_step(preset):
     pol = Policy.preset(preset, budget=128)
     g = torch.Generator().manual_seed(5)
