@@ -9,7 +9,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 if [ "${3:-200}" != 0 ]; then
   timeout "${3:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_page_load.py tests/test_bookkeeping_kernels.py \
-    tests/test_cuda.py tests/test_conformance.py 2>&1 | grep -v -E "Warning|forward_call|^$" | tail -40 \
+    tests/test_cuda.py tests/test_conformance.py tests/test_dci_tree.py 2>&1 | grep -v -E "Warning|forward_call|^$" | tail -40 \
     | tee "$OUT/gpu_tests_issue6.log" | tail -12
 fi
 POL=${2:-icecache@cuda:uva,quest:uva,icecache-reuse@cuda:uva}
