@@ -292,17 +292,18 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-    t = Table(title="decode latency and memory (per output token; breakdown summed over layers, device-synced)")
-    for c in ("length", "variant", "TTFT s", "TTST s", "TPOT ms", "× dense", "select", "transfer", "attn",
+    t = Table(title="decode latency and memory (per output token: median and mean step; breakdown summed over layers, "
+                    "device-synced)")
+    for c in ("length", "variant", "TTFT s", "TTST s", "TPOT ms", "mean", "× dense", "select", "transfer", "attn",
               "insert", "rest", "GB/s", "dev KV MiB", "KV on dev", "CPU KV MiB", "index MiB (on dev)"):
         t.add_column(c, justify="left" if c == "variant" else "right")
     for r in rows:
         if "error" in r:
-            t.add_row(str(r["length"]), r["variant"], r["error"][:60], *["-"] * 13)
+            t.add_row(str(r["length"]), r["variant"], r["error"][:60], *["-"] * 14)
             continue
         t.add_row(
             str(r["length"]), r["variant"], f(r["ttft_s"], ".3f"), f(r["ttst_s"], ".3f"), f(r["tpot_ms"], ".2f"),
-            f(r.get("tpot_vs_dense"), ".2f"), f(r.get("select_ms"), ".2f"), f(r.get("transfer_ms"), ".2f"),
+            f(r.get("tpot_mean_ms"), ".2f"), f(r.get("tpot_vs_dense"), ".2f"), f(r.get("select_ms"), ".2f"), f(r.get("transfer_ms"), ".2f"),
             f(r.get("attention_ms"), ".2f"), f(r.get("insert_ms"), ".2f"), f(r.get("rest_ms"), ".2f"),
             f(r.get("transfer_gbps"), ".2f"), f(r["device_kv_bytes"] / 2**20, ".1f"),
             f(r["device_kv_fraction"], ".1%") if r.get("device_kv_fraction") is not None else "-",
