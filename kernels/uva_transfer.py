@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import Transfer
+from kvpolicy.ops import storage_key
 from kvpolicy.reference.sync_transfer import SyncTransfer, check_transfer_args
 from kvpolicy.types import TransferHandle
 
@@ -72,5 +73,4 @@ class UVATransfer(Transfer):
         """The direct path is one kernel and two small reductions: capturable; the key pins both pools."""
         if self.check or not self._direct(src_pool, dst_pool):
             return None
-        ts = (src_pool.k, src_pool.v, src_pool.lengths, dst_pool.k, dst_pool.v, dst_pool.lengths)
-        return tuple((t.data_ptr(), tuple(t.shape)) for t in ts)
+        return storage_key(src_pool.k, src_pool.v, src_pool.lengths, dst_pool.k, dst_pool.v, dst_pool.lengths)

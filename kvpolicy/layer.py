@@ -27,7 +27,7 @@ import torch
 
 from kvpolicy.attention import decode_attention
 from kvpolicy.concurrency import capture_lock
-from kvpolicy.ops import check_tensor
+from kvpolicy.ops import check_tensor, storage_key
 from kvpolicy.policy import Policy
 from kvpolicy.pool import PagePool
 from kvpolicy.types import PAD, SelectContext, Selection
@@ -361,8 +361,7 @@ class PolicyLayer:
                  self.transfer.capture_key(self.cpu_pool, self.gpu_pool))
         if any(p is None for p in parts):
             return None
-        own = (self.sink_k, self.sink_v, self.win_k, self.win_v)
-        return parts + tuple((t.data_ptr(), tuple(t.shape)) for t in own) + (
+        return parts + storage_key(self.sink_k, self.sink_v, self.win_k, self.win_v) + (
             tuple(query.shape), query.dtype, float(scaling), softcap, id(self.stats))
 
     def _device_step(self, q: torch.Tensor, ctx: SelectContext, scaling: float, softcap):

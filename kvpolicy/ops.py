@@ -9,7 +9,9 @@ import torch
 
 from kvpolicy.types import PAD
 
-__all__ = ["check_tensor", "gqa_merge", "gqa_merge_reference", "page_max_scores", "topk_ids", "triton_available"]
+__all__ = [
+    "check_tensor", "gqa_merge", "gqa_merge_reference", "page_max_scores", "storage_key", "topk_ids", "triton_available",
+]
 
 _BIG_ID = 1 << 40  # above any page id; (id * L + pos) stays far below 2**63
 
@@ -51,6 +53,12 @@ def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
         if ranked.shape[-2] * ranked.shape[-1] <= MAX_ENTRIES:
             return gqa_merge_triton(ranked, k)
     return gqa_merge_reference(ranked, k)
+
+
+def storage_key(*tensors: torch.Tensor) -> tuple:
+    """(address, shape) of each tensor: equal keys mean the same storage, so a CUDA graph recorded over these
+    tensors is still valid (the ``capture_key`` hooks of the parts are built from it)."""
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
 
 
 @functools.cache

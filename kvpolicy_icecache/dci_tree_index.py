@@ -32,7 +32,7 @@ import torch
 
 from kvpolicy.concurrency import capture_lock
 from kvpolicy.interfaces import Index
-from kvpolicy.ops import check_tensor, gqa_merge, page_max_scores, topk_ids, triton_available
+from kvpolicy.ops import check_tensor, gqa_merge, page_max_scores, storage_key, topk_ids, triton_available
 from kvpolicy.types import PAD, PageLayout, SearchParams, Selection
 
 __all__ = ["DCITreeIndex", "promotion_levels"]
@@ -891,7 +891,7 @@ class DCITreeIndex(Index):
         fov, pr, pv = self._params(params)
         if self._L <= 1 or k >= self._min_pages or not self._masked(pr, pv) or min(pr, pv) < 1.0:
             return None
-        return tuple((t.data_ptr(), tuple(t.shape)) for t in self._tables()) + (k, fov, self._B, self._H)
+        return storage_key(*self._tables()) + (k, fov, self._B, self._H)
 
     def _short(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         """(row, head) pairs whose descent found fewer than min(k, pages) pages (tiny trees): [BH, G] bool."""
@@ -914,8 +914,7 @@ class DCITreeIndex(Index):
         """``_masked_merged`` replayed from a CUDA graph: capture once per (tables, G, k), then one launch per
         search. The tables are updated in place by ``add``; a reallocation (capacity growth, build) changes the key
         and triggers a new capture."""
-        key = (tuple(t.data_ptr() for t in self._tables()), tuple(self._keys.shape), tuple(self._page_len.shape),
-               q.shape, k)
+        key = storage_key(*self._tables()) + (q.shape, k)
         if self._graph is None or self._graph[0] != key:
             sq, sf = q.clone(), torch.tensor(fov, device=q.device)
             side = torch.cuda.Stream(device=q.device)

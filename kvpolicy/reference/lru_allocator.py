@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import PageAllocator
-from kvpolicy.ops import triton_available
+from kvpolicy.ops import storage_key, triton_available
 from kvpolicy.types import PAD, Reservation, Selection
 
 __all__ = ["LRUAllocator"]
@@ -49,8 +49,7 @@ class LRUAllocator(PageAllocator):
         self._pins = torch.zeros((B, H, N + 1), dtype=torch.int32, device=self.device)
         self._page_slot = torch.full((B, H, 1), PAD, dtype=torch.int64, device=self.device)  # per page (+ trash)
         self._sized = False  # True once ensure_pages() gave a bound on page ids (no read-back in lookup)
-        self._clock = 0  # the torch path's time stamp; the kernel path keeps its own on the device:
-        self._clock_t = torch.zeros(1, dtype=torch.int64, device=self.device)  # (capturable: read by the kernel)
+        self._clock = torch.zeros(1, dtype=torch.int64, device=self.device)  # time stamp, on the device (capturable)
 
     def reset(self) -> None:
         B, H, N1 = self._slot_page.shape
@@ -100,8 +99,7 @@ class LRUAllocator(PageAllocator):
         """The kernel path is capturable (its clock is a device tensor); the key pins the tables' storage."""
         if not self._use_kernel(self.num_slots):
             return None
-        ts = (self._slot_page, self._last_used, self._pins, self._page_slot, self._clock_t)
-        return tuple((t.data_ptr(), tuple(t.shape)) for t in ts)
+        return storage_key(self._slot_page, self._last_used, self._pins, self._page_slot, self._clock)
 
     def reserve(self, selection: Selection) -> Reservation:
         ids = selection.page_ids.to(self.device)  # [B, H, K]
@@ -118,9 +116,9 @@ class LRUAllocator(PageAllocator):
             from kernels.lru_reserve import lru_reserve
 
             ids = ids.long().contiguous()
-            self._clock_t += 1
+            self._clock += 1
             slots, missing, evicted = lru_reserve(self._slot_page, self._last_used, self._pins, self._page_slot,
-                                                  ids, self._clock_t)
+                                                  ids, self._clock)
             return Reservation(page_ids=ids, slots=slots, missing=missing, evicted=evicted)
         self._clock += 1
         valid = ids >= 0
@@ -147,7 +145,7 @@ class LRUAllocator(PageAllocator):
         self._page_slot.scatter_(-1, self._trash(missing, ids.clamp(max=P), P), slots)
         self._slot_page.scatter_(-1, self._trash(missing, slots, N), ids)
         sel_slot = self._trash(valid, slots, N)
-        self._last_used.scatter_(-1, sel_slot, self._clock)
+        self._last_used.scatter_(-1, sel_slot, self._clock.expand(sel_slot.shape))
         self._pins.scatter_add_(-1, sel_slot, valid.to(torch.int32))
         self._reset_trash()
         return Reservation(page_ids=ids, slots=slots, missing=missing, evicted=evicted)
