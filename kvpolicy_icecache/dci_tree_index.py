@@ -177,7 +177,8 @@ class DCITreeIndex(Index):
     a table is reallocated). On CUDA (``fused_scores=None``: when triton is installed; ``True`` forces it, e.g.
     under the Triton interpreter, ``False`` never) the page maxima come from one Triton kernel that reads the
     keys through the page table, ``kernels.page_scores.token_page_scores``, instead of an fp32 copy of every key
-    and a scatter; only the centres are scored by ``bmm``. ``"auto"`` (default) takes ``"masked"`` on CUDA unless pruning is asked for, ``"beam"`` on the CPU
+    and a scatter; only the centres are scored by ``bmm``. ``"auto"`` (default) takes ``"masked"`` on CUDA unless
+    pruning is asked for, ``"beam"`` on the CPU
     (measured 1-thread CPU, Hkv 8, D 128: 17 vs 22 ms at 32k, 66 vs 88 ms at 128k). With the reference's field
     of view and GQA groups of 4 the frontier covers 45-85% of the tokens at 8k-128k (``last_scanned_fraction``).
 

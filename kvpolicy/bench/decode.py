@@ -244,8 +244,9 @@ def bench_decode(
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
         cache = DynamicCache(config=model.config) if pol is None else KVPolicyCache(model, pol)
+        graphs = split_graphs(vname)[1]
         for la in _policy_layers(cache):
-            la.cuda_graphs = split_graphs(vname)[1]
+            la.cuda_graphs = graphs
         try:
             with _sdpa(cfg.sdpa_backend):
                 row.update(_run_variant(model, ids, cache, cfg))
