@@ -42,35 +42,44 @@ def _exact_kernel(
     so_b, so_h, so_c,
     G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PAGES: tl.constexpr,
     PRECISION: tl.constexpr, DOT_T: tl.constexpr, INDIRECT: tl.constexpr,
-):
+):  # G_PAD: the group padded for tl.dot (>= 16); INDIRECT: exactly G (one head at a time)
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    g_ok = offs_g < G
     d_ok = offs_d < D
-    q = tl.load(q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :] * sq_d,
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_T)  # [G_PAD, BLOCK_D]
     flat = tl.arange(0, PAGES * BLOCK_S)
     page = tl.program_id(1).to(tl.int64) * PAGES + flat // BLOCK_S  # [T]
     pos = flat % BLOCK_S
+    offs_p = tl.program_id(1).to(tl.int64) * PAGES + tl.arange(0, PAGES)
     if INDIRECT:  # keys stored by token (stride sk_c), pages list their token ids (-1: empty place)
         tok = tl.load(len_ptr + ((b * H + h) * C + page) * S + pos, mask=(page < C) & (pos < S), other=-1)
         ok = tok >= 0
         row = tl.maximum(tok, 0).to(tl.int64)[:, None] * sk_c
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + row + offs_d[None, :] * sk_d,
+                    mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [T, BLOCK_D]
+        # exact float32 products on the CUDA cores, one query head at a time: no padding of the group to the
+        # 16 rows a tensor-core dot needs (G is small), and no fp32 dot emulation
+        for g in tl.static_range(G_PAD):
+            qg = tl.load(q_ptr + b * sq_b + (h * G + g) * sq_h + offs_d * sq_d, mask=d_ok, other=0.0)  # [BLOCK_D]
+            sg = tl.where(ok, tl.sum(k * qg.to(tl.float32)[None, :], 1), float("-inf"))  # [T]
+            best = tl.max(tl.reshape(sg, (PAGES, BLOCK_S)), 1)  # [PAGES]
+            tl.store(out_ptr + b * so_b + (h * G + g) * so_h + offs_p * so_c, best, mask=offs_p < C)
     else:
+        offs_g = tl.arange(0, G_PAD)
+        g_ok = offs_g < G
+        q = tl.load(q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :] * sq_d,
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_T)  # [G_PAD, BLOCK_D]
         n_valid = tl.load(len_ptr + (b * H + h) * C + page, mask=page < C, other=0)
         ok = (pos < n_valid) & (pos < S)
         row = page[:, None] * sk_c + pos[:, None] * sk_s
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + row + offs_d[None, :] * sk_d,
-                mask=ok[:, None] & d_ok[None, :], other=0.0).to(DOT_T)  # [T, BLOCK_D]
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, T]
-    s = tl.where(ok[None, :], s, float("-inf"))
-    best = tl.max(tl.reshape(s, (G_PAD, PAGES, BLOCK_S)), 2)  # [G_PAD, PAGES]
-    offs_p = tl.program_id(1).to(tl.int64) * PAGES + tl.arange(0, PAGES)
-    tl.store(out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_p[None, :] * so_c, best,
-             mask=g_ok[:, None] & (offs_p < C)[None, :])
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + row + offs_d[None, :] * sk_d,
+                    mask=ok[:, None] & d_ok[None, :], other=0.0).to(DOT_T)  # [T, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, T]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        best = tl.max(tl.reshape(s, (G_PAD, PAGES, BLOCK_S)), 2)  # [G_PAD, PAGES]
+        tl.store(out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_p[None, :] * so_c, best,
+                 mask=g_ok[:, None] & (offs_p < C)[None, :])
 
 
 @triton.jit(do_not_specialize=["H", "G", "C"])
@@ -161,8 +170,8 @@ def _launch_exact(q, keys, pages, out, H, G, C, S, D, k_strides, precision, dot_
     _exact_kernel[(q.shape[0] * H, triton.cdiv(C, PAGES))](
         q, keys, pages, out, H, G, C, S, D,
         *q.stride(), *k_strides, *out.stride(),
-        G_PAD=max(16, triton.next_power_of_2(G)), BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, PAGES=PAGES,
-        PRECISION=precision, DOT_T=dot_t, INDIRECT=indirect, num_warps=4,
+        G_PAD=G if indirect else max(16, triton.next_power_of_2(G)), BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S,
+        PAGES=PAGES, PRECISION=precision, DOT_T=dot_t, INDIRECT=indirect, num_warps=4,
     )
 
 

@@ -30,8 +30,9 @@ def page_keys(pool: PagePool, page_ids: torch.Tensor, device: torch.device | str
 
 
 def page_valid(ctx: SelectContext, P: int, device: torch.device) -> torch.Tensor:
-    """[B, Hkv, P] bool: page p exists in row (b, h) (ids below that row's page count)."""
-    return torch.arange(P, device=device) < ctx.num_pages.to(device).unsqueeze(-1)
+    """[B, Hkv, P] bool: page p exists in row (b, h) (ids below that row's page count). The counts may live
+    on the CPU (a CPU index): they are copied without blocking the host."""
+    return torch.arange(P, device=device) < ctx.num_pages.to(device, non_blocking=True).unsqueeze(-1)
 
 
 def rank_pages(scores: torch.Tensor, k: int) -> Selection:
