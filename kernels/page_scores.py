@@ -35,13 +35,13 @@ __all__ = [
 
 @triton.jit(do_not_specialize=["H", "G", "C"])
 def _exact_kernel(
-    q_ptr, k_ptr, len_ptr, out_ptr,  # lengths: [B, H, C] contiguous; INDIRECT: token ids [B, H, C, S] contiguous
+    q_ptr, k_ptr, len_ptr, out_ptr, mask_ptr,  # lengths: [B, H, C]; INDIRECT: token ids [B, H, C, S]; mask [B, H, C]
     H, G, C, S, D,
     sq_b, sq_h, sq_d,
     sk_b, sk_h, sk_c, sk_s, sk_d,
     so_b, so_h, so_c,
     G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PAGES: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_T: tl.constexpr, INDIRECT: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_T: tl.constexpr, INDIRECT: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # G_PAD: the group padded for tl.dot (>= 16); INDIRECT: exactly G (one head at a time)
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
@@ -53,7 +53,10 @@ def _exact_kernel(
     pos = flat % BLOCK_S
     offs_p = tl.program_id(1).to(tl.int64) * PAGES + tl.arange(0, PAGES)
     if INDIRECT:  # keys stored by token (stride sk_c), pages list their token ids (-1: empty place)
-        tok = tl.load(len_ptr + ((b * H + h) * C + page) * S + pos, mask=(page < C) & (pos < S), other=-1)
+        live = (page < C) & (pos < S)
+        if HAS_MASK:  # pages left out are never read (their keys may sit across PCIe) and score -inf
+            live = live & (tl.load(mask_ptr + (b * H + h) * C + page, mask=page < C, other=0) != 0)
+        tok = tl.load(len_ptr + ((b * H + h) * C + page) * S + pos, mask=live, other=-1)
         ok = tok >= 0
         row = tl.maximum(tok, 0).to(tl.int64)[:, None] * sk_c
         k = tl.load(k_ptr + b * sk_b + h * sk_h + row + offs_d[None, :] * sk_d,
@@ -163,25 +166,28 @@ def _scores_out(B: int, Hq: int, C: int, S: int, D: int, device) -> tuple[torch.
     return out, False
 
 
-def _launch_exact(q, keys, pages, out, H, G, C, S, D, k_strides, precision, dot_t, indirect) -> None:
+def _launch_exact(q, keys, pages, out, H, G, C, S, D, k_strides, precision, dot_t, indirect, mask=None) -> None:
     BLOCK_S = triton.next_power_of_2(S)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     PAGES = max(1, (64 if BLOCK_D <= 128 else 32) // BLOCK_S)
     _exact_kernel[(q.shape[0] * H, triton.cdiv(C, PAGES))](
-        q, keys, pages, out, H, G, C, S, D,
+        q, keys, pages, out, pages if mask is None else mask, H, G, C, S, D,
         *q.stride(), *k_strides, *out.stride(),
         G_PAD=G if indirect else max(16, triton.next_power_of_2(G)), BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S,
-        PAGES=PAGES, PRECISION=precision, DOT_T=dot_t, INDIRECT=indirect, num_warps=4,
+        PAGES=PAGES, PRECISION=precision, DOT_T=dot_t, INDIRECT=indirect, HAS_MASK=mask is not None, num_warps=4,
     )
 
 
 def token_page_scores(
     q: torch.Tensor,  # [B, Hq, D] float32
-    keys: torch.Tensor,  # [B, Hkv, T, D] token-ordered key store (any float dtype)
+    keys: torch.Tensor,  # [B, Hkv, T, D] token-ordered key store (any float dtype; device or pinned host memory)
     page_tok: torch.Tensor,  # [B, Hkv, C, S] int64 token ids of each page, -1 = empty place
-) -> torch.Tensor:  # [B, Hq, C] float32, -inf for empty pages
+    mask: torch.Tensor | None = None,  # [B, Hkv, C] bool: pages to score (None: all)
+) -> torch.Tensor:  # [B, Hq, C] float32, -inf for empty pages and pages left out by the mask
     """Max ``q . k`` over each page's tokens, reading the keys through the page table (exact float32 products;
-    no copy or conversion of the key store)."""
+    no copy or conversion of the key store). The keys of pages left out by ``mask`` are never read, so a key
+    store in pinned host memory (read by the GPU through unified addressing) costs PCIe traffic for the
+    scored pages only."""
     check_rank("q", q, 3, "[B, Hq, D]")
     check_rank("keys", keys, 4, "[B, Hkv, T, D]")
     check_rank("page_tok", page_tok, 4, "[B, Hkv, C, S]")
@@ -193,13 +199,21 @@ def token_page_scores(
     G = _heads(q, H)
     check_shape("keys", keys, (B, H, keys.shape[2], D), "[B, Hkv, T, D]")
     check_shape("page_tok", page_tok, (B, H, C, S), "[B, Hkv, C, S]")
-    check_device("q", q, keys=keys, page_tok=page_tok)
+    if mask is not None:
+        check_rank("mask", mask, 3, "[B, Hkv, C]")
+        check_shape("mask", mask, (B, H, C), "[B, Hkv, C]")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        check_device("q", q, mask=mask)
+    if keys.device != q.device and not (keys.device.type == "cpu" and keys.is_pinned()):
+        raise ValueError(f"keys must be on {q.device} or in pinned host memory, got {keys.device} (pageable)")
+    check_device("q", q, page_tok=page_tok)
     out, done = _scores_out(B, Hq, C, S, D, q.device)
     if done:
         return out
     ks = keys.stride()
     _launch_exact(q, keys, page_tok.contiguous(), out, H, G, C, S, D, (ks[0], ks[1], ks[2], 0, ks[3]), "ieee",
-                  tl.float32, True)
+                  tl.float32, True, None if mask is None else mask.contiguous().view(torch.uint8))
     return out
 
 
@@ -267,17 +281,23 @@ def exact_page_scores_ref(q: torch.Tensor, pool_k: torch.Tensor, lengths: torch.
     return s.amax(-1).reshape(B, Hq, C)
 
 
-def token_page_scores_ref(q: torch.Tensor, keys: torch.Tensor, page_tok: torch.Tensor) -> torch.Tensor:
-    """Torch reference of ``token_page_scores`` (float32 products of every token, max over each page's tokens)."""
+def token_page_scores_ref(
+    q: torch.Tensor, keys: torch.Tensor, page_tok: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Torch reference of ``token_page_scores`` (float32 products of every token, max over each page's tokens,
+    -inf where ``mask`` leaves a page out)."""
     B, Hq, D = q.shape
     H, C, S = keys.shape[1], page_tok.shape[2], page_tok.shape[3]
     qg = q.float().view(B, H, Hq // H, D)
-    s = torch.einsum("bhgd,bhtd->bhgt", qg, keys.float())  # [B, H, G, T]
+    s = torch.einsum("bhgd,bhtd->bhgt", qg, keys.to(q.device).float())  # [B, H, G, T]
     idx = page_tok.clamp(min=0).reshape(B, H, 1, C * S).expand(B, H, Hq // H, C * S)
     per = s.gather(-1, idx).view(B, H, Hq // H, C, S).masked_fill((page_tok < 0).unsqueeze(2), float("-inf"))
     if S == 0:
         return torch.full((B, Hq, C), float("-inf"), device=q.device)
-    return per.amax(-1).reshape(B, Hq, C)
+    out = per.amax(-1)  # [B, H, G, C]
+    if mask is not None:
+        out = out.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    return out.reshape(B, Hq, C)
 
 
 def quest_page_scores_ref(

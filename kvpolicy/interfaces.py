@@ -57,7 +57,8 @@ class Index(Part):
       group share their KV head's pages) and returns a ``Selection`` of at most ``k`` distinct pages per
       (b, KV head), best first, PAD-padded. ``k`` larger than the number of pages returns them all.
     * ``num_pages`` ``[B, Hkv]``, ``num_tokens`` and ``nbytes`` (index metadata bytes, keys it keeps for
-      scoring included) describe the current state; ``reset()`` empties it.
+      scoring included; ``device_nbytes``: how many of them sit on the accelerator) describe the current state;
+      ``reset()`` empties it.
     """
 
     kind: ClassVar[str] = "index"
@@ -87,6 +88,14 @@ class Index(Part):
     @property
     @abstractmethod
     def nbytes(self) -> int: ...
+
+    @property
+    def device_nbytes(self) -> int:
+        """The part of ``nbytes`` held in the memory of ``device`` when that is an accelerator (0 on the CPU).
+        Default: all of it; an index that keeps some tables in host memory says so."""
+        import torch
+
+        return self.nbytes if torch.device(self.device).type != "cpu" else 0
 
     def capture_key(self, k: int, params: SearchParams | None = None) -> tuple | None:
         """A hashable key if ``search(queries, k, params=params)`` may be captured in a CUDA graph now, else None

@@ -468,4 +468,5 @@ class PolicyLayer:
         dev = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v)) + self.gpu_pool.kv_nbytes
         idx = self.index.nbytes
         on_dev = self.device.type != "cpu" and torch.device(self.index.device).type == self.device.type
-        return {"device_kv": dev, "cpu_kv": self.cpu_pool.kv_nbytes, "index": idx, "index_on_device": idx if on_dev else 0}
+        return {"device_kv": dev, "cpu_kv": self.cpu_pool.kv_nbytes, "index": idx,
+                "index_on_device": self.index.device_nbytes if on_dev else 0}

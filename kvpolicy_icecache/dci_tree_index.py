@@ -111,6 +111,16 @@ def _random_levels(n: int, ratio_1: float, ratio_2: float, seed: int, max_levels
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _triton_interpreting() -> bool:
+    from kvpolicy.ops import triton_available
+
+    if not triton_available():
+        return False
+    from kernels._checks import interpreting
+
+    return interpreting()
+
+
 def _segment_pos(sorted_keys: torch.Tensor) -> torch.Tensor:
     """Position of each entry inside its run of equal keys (keys sorted along the last dim)."""
     n = sorted_keys.shape[-1]
@@ -177,10 +187,18 @@ class DCITreeIndex(Index):
     a table is reallocated). On CUDA (``fused_scores=None``: when triton is installed; ``True`` forces it, e.g.
     under the Triton interpreter, ``False`` never) the page maxima come from one Triton kernel that reads the
     keys through the page table, ``kernels.page_scores.token_page_scores``, instead of an fp32 copy of every key
-    and a scatter; only the centres are scored by ``bmm``. ``"auto"`` (default) takes ``"masked"`` on CUDA unless
+    and a scatter; only the centres are scored by ``bmm`` (from a float32 copy of each level's centre keys), and
+    only the pages of the scanned cells are read. ``"auto"`` (default) takes ``"masked"`` on CUDA unless
     pruning is asked for, ``"beam"`` on the CPU
     (measured 1-thread CPU, Hkv 8, D 128: 17 vs 22 ms at 32k, 66 vs 88 ms at 128k). With the reference's field
     of view and GQA groups of 4 the frontier covers 45-85% of the tokens at 8k-128k (``last_scanned_fraction``).
+
+    **Keys on the host** (``keys_on_host=True`` with a CUDA ``device``): the key store, the one table that grows
+    with the context as T x D, lives in pinned CPU memory; centres' keys, projections, page and cell tables stay
+    on the GPU. The masked search reads the keys of the scanned pages only, through unified addressing (the GPU
+    loads them over PCIe inside the page-score kernel), so the index holds no device copy of the keys; the
+    exhaustive path and ``add``'s re-projections read them the same way or on the host. Selections are the
+    same as with the device store (tested); each search moves the scanned fraction of the keys over PCIe.
 
     **Add** (``add(keys)``): new tokens go to level 0, under their nearest level-1 centre (exact brute force
     over the level-1 centres; centres stay fixed after build, as in IceCache's decode). Each one is inserted
@@ -244,6 +262,7 @@ class DCITreeIndex(Index):
     search_mode: str = "auto"
     cuda_graphs: bool = True
     fused_scores: bool | None = None
+    keys_on_host: bool = False
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -271,6 +290,12 @@ class DCITreeIndex(Index):
             raise ValueError(f"dense_scan_fraction must be a float in [0, 1], got {v!r}")
         if self.fused_scores is not None and not isinstance(self.fused_scores, bool):
             raise TypeError(f"fused_scores must be None or a bool, got {type(self.fused_scores).__name__}")
+        if not isinstance(self.keys_on_host, bool):
+            raise TypeError(f"keys_on_host must be a bool, got {type(self.keys_on_host).__name__}")
+        if self.keys_on_host and (self.search_mode == "beam" or self.fused_scores is False):
+            raise ValueError("keys_on_host scores pages with the fused kernel of the masked search: it needs "
+                             f"search_mode 'auto' or 'masked' and fused_scores None or True, got "
+                             f"{self.search_mode!r} and {self.fused_scores!r}")
         if self.search_mode not in ("auto", "beam", "masked"):
             raise ValueError(f"search_mode must be 'auto', 'beam' or 'masked', got {self.search_mode!r}")
         torch.device(self.device)  # raises on an unknown device string
@@ -296,8 +321,11 @@ class DCITreeIndex(Index):
                      "_page_len", "_num_pages", "_cell_pages", "_cell_npages", "_cell_size", "_cell_M", "_subtree",
                      "_cell_tok", "_M", "_u", "_scratch", "_c1_cell", "_c1_keys", "_c1_sq", "_last_scanned"):
             setattr(self, name, None)
-        self._keys: torch.Tensor | None = None  # [BH, T*, D] keys in the input dtype
+        self._keys: torch.Tensor | None = None  # [BH, T*, D] keys in the input dtype (pinned host: keys_on_host)
         self._level_tok: list[torch.Tensor] = []  # token ids on each level (level 0 is not used)
+        self._level_keys: list[torch.Tensor] = []  # [BH, N_l, D] float32 keys of each level's centres (level >= 1)
+        self._dev = torch.device(self.device)  # where the tables live and search runs
+        self._host_keys = False  # the key store sits in pinned host memory (keys_on_host on a CUDA device)
         self._min_pages = 0  # host copy of num_pages.min() (no sync on the search path)
         self._graph = None  # (key, graph, static query, static fov, output) of the captured masked search
         self._n = 0
@@ -321,6 +349,13 @@ class DCITreeIndex(Index):
         if self._keys is None:
             return 0
         return sum(t.nbytes for t in self._tensors())
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes held on a non-CPU device (with ``keys_on_host``, everything but the key store)."""
+        if self._keys is None:
+            return 0
+        return sum(t.nbytes for t in self._tensors() if t.device.type != "cpu")
 
     @property
     def level_sizes(self) -> list[int]:
@@ -354,7 +389,7 @@ class DCITreeIndex(Index):
             self._keys, self._sq, self._proj, self._parent, self._tok_page, self._tok_slot, self._tok_level,
             self._tok_cell, self._page_tok, self._page_len, self._cell_pages, self._cell_npages, self._cell_size,
             self._cell_M, self._subtree, self._cell_tok, self._M, self._num_pages, self._u, self._scratch,
-            self._c1_cell, self._c1_keys, self._c1_sq, self._cell_anc,
+            self._c1_cell, self._c1_keys, self._c1_sq, self._cell_anc, *self._level_keys[2:],
         ]
 
     # ---------------------------------------------------------------- capacity
@@ -369,8 +404,10 @@ class DCITreeIndex(Index):
             if t.shape[dim] >= new:
                 return t
             shape = list(t.shape)
-            shape[dim] = new - t.shape[dim]
-            return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim=dim)
+            shape[dim] = new
+            out = torch.full(shape, fill, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
+            out.narrow(dim, 0, t.shape[dim]).copy_(t)
+            return out
 
         self._keys = grow(self._keys, 1, 0)
         self._sq = grow(self._sq, 1, 0)
@@ -441,6 +478,8 @@ class DCITreeIndex(Index):
         """Rows ``flat`` of the key store as float32 [N, D], through a reused buffer (no fresh allocation:
         on CPU a new multi-MB tensor costs more in page faults than the copy itself)."""
         N, D = flat.numel(), self._D
+        if self._host_keys:  # rows picked on the host, then moved (add() re-projections: a background job)
+            return torch.index_select(self._keys.view(-1, D), 0, flat.cpu()).to(self._dev).float()
         if self._scratch.shape[0] < N:
             self._scratch = torch.empty((max(N, 2 * self._scratch.shape[0]), D), dtype=self._keys.dtype,
                                         device=self._keys.device)
@@ -456,13 +495,20 @@ class DCITreeIndex(Index):
         if B < 1 or H < 1 or D < 1:
             raise ValueError(f"keys must have B, Hkv, D >= 1, got shape {tuple(keys.shape)}")
         self.reset()
-        dev = torch.device(self.device)
+        dev = self._dev
+        if self.keys_on_host and dev.type == "cuda" and not triton_available():
+            raise RuntimeError("keys_on_host on a CUDA device scores pages with a Triton kernel: install triton")
+        # on a CPU device the keys are host memory anyway; the host-keys code path runs there only under the
+        # Triton interpreter (tests), since it scores pages with the kernel
+        self._host_keys = self.keys_on_host and (dev.type == "cuda" or _triton_interpreting())
         BH, S = B * H, page_size
         self._B, self._H, self._D, self._S, self._n = B, H, D, S, T
         cap = T + max(256, T // 8)  # headroom for add() before the first (copying) growth
-        self._keys = torch.zeros((BH, cap, D), dtype=keys.dtype, device=dev)
-        self._keys[:, :T] = keys.detach().reshape(BH, T, D)
-        kf = self._keys[:, :T].float()
+        kd = keys.detach().to(dev).reshape(BH, T, D)
+        self._keys = torch.zeros((BH, cap, D), dtype=keys.dtype, device="cpu" if self._host_keys else dev,
+                                 pin_memory=self._host_keys and dev.type == "cuda")
+        self._keys[:, :T] = kd
+        kf = kd.float()
         self._sq = self._sqnorm(kf)  # [BH, T]
         self._M = self._sq.amax(-1) if T else torch.zeros(BH, device=dev)  # [BH]
         g = torch.Generator().manual_seed(self.seed)
@@ -502,6 +548,9 @@ class DCITreeIndex(Index):
         self._c1_sq = self._sq.index_select(1, c1)  # [BH, N1]
         # tokens of each upper level (fixed after build: add() puts new tokens on level 0), for masked search
         self._level_tok = [c1[:0]] + [torch.nonzero(self._tok_level == lvl).flatten() for lvl in range(1, self._L)]
+        # their keys on the search device (the centre scores of the masked search read no key store)
+        self._level_keys = [self._c1_keys[:, :0]] + [
+            self._c1_keys if lvl == 1 else kf.index_select(1, self._level_tok[lvl]) for lvl in range(1, self._L)]
         self._tok_page = torch.full((BH, T), PAD, dtype=torch.int64, device=dev)
         self._tok_slot = torch.full((BH, T), PAD, dtype=torch.int64, device=dev)
         self._page_tok = torch.full((BH, 0, S), PAD, dtype=torch.int64, device=dev)
@@ -658,13 +707,14 @@ class DCITreeIndex(Index):
         if keys.shape[0] != B or keys.shape[1] != H or keys.shape[3] != D:
             raise ValueError(f"keys shape {tuple(keys.shape)} does not match the index [B={B}, Hkv={H}, n, D={D}]")
         n = keys.shape[2]
-        BH, S, dev = B * H, self._S, self._keys.device
+        BH, S, dev = B * H, self._S, self._dev
         if n == 0:
             return self._layout(torch.full((BH, 0), PAD, dtype=torch.int64, device=dev))
         t0, t1 = self._n, self._n + n
         self._grow_tokens(t1)
-        self._keys[:, t0:t1] = keys.detach().to(dev, self._keys.dtype).reshape(BH, n, D)
-        kf = self._keys[:, t0:t1].float()
+        kd = keys.detach().to(dev, self._keys.dtype).reshape(BH, n, D)
+        self._keys[:, t0:t1] = kd  # (keys_on_host: a copy to the host, in the insertion job)
+        kf = kd.float()
         sq = self._sqnorm(kf)
         self._sq[:, t0:t1] = sq
         self._tok_level[t0:t1] = 0
@@ -852,14 +902,14 @@ class DCITreeIndex(Index):
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an int >= 0, got {k!r}")
         B, H, D = self._B, self._H, self._D
-        BH, dev = B * H, self._keys.device
+        BH, dev = B * H, self._dev
         fov, pr, pv = self._params(params)
         q = queries.detach().to(dev).float().reshape(BH, G, D)
         if self._n == 0 or k == 0:
             return Selection(page_ids=torch.full((B, H, 0), PAD, dtype=torch.int64, device=dev))
         if self._L <= 1 or k >= self._min_pages:  # exhaustive: exact ranking of every page
             self._last_scanned = torch.full((BH,), self._n, dtype=torch.int64, device=dev)
-            return Selection(page_ids=gqa_merge(self._rank_pages(self._dense_scores(q), k).view(B, H, G, -1), k))
+            return Selection(page_ids=gqa_merge(self._exact_ranking(q, k).view(B, H, G, -1), k))
         masked = self._masked(pr, pv)
         if masked and min(pr, pv) < 1.0:
             raise ValueError("search_mode='masked' scans whole cells; prop_to_retrieve/prop_to_visit < 1 need 'beam'")
@@ -871,12 +921,12 @@ class DCITreeIndex(Index):
         ids = self._search_beam(q, k, fov, pr, pv)
         short = self._short(ids, k)
         if bool(short.any()):
-            ids = self._fallback(ids, self._rank_pages(self._dense_scores(q), k), short)
+            ids = self._fallback(ids, self._exact_ranking(q, k), short)
         return Selection(page_ids=gqa_merge(ids.view(B, H, G, -1), k))
 
     def _masked(self, pr: float, pv: float) -> bool:
         return self.search_mode == "masked" or (
-            self.search_mode == "auto" and min(pr, pv) >= 1.0 and self._keys.device.type == "cuda"
+            self.search_mode == "auto" and min(pr, pv) >= 1.0 and (self._dev.type == "cuda" or self.keys_on_host)
         )
 
     def _tables(self) -> tuple[torch.Tensor, ...]:
@@ -887,7 +937,7 @@ class DCITreeIndex(Index):
     def capture_key(self, k: int, params: SearchParams | None = None) -> tuple | None:
         """The masked search on CUDA is capturable (no host sync, fixed shapes); the exhaustive path is not
         offered. The key pins the tables' storage, ``k`` and the field of view (which grows with the context)."""
-        if self._keys is None or self._keys.device.type != "cuda" or self._n == 0 or k == 0:
+        if self._keys is None or self._dev.type != "cuda" or self._n == 0 or k == 0:
             return None
         fov, pr, pv = self._params(params)
         if self._L <= 1 or k >= self._min_pages or not self._masked(pr, pv) or min(pr, pv) < 1.0:
@@ -994,41 +1044,56 @@ class DCITreeIndex(Index):
         No gathers of keys, no data-dependent shapes (no host synchronisation). q [BH, G, D] -> (ranked ids
         [BH, G, k'], the exhaustive ranking from the same scores for rows whose descent finds too few pages)."""
         BH, G = q.shape[:2]
-        fused = (q.is_cuda and triton_available()) if self.fused_scores is None else self.fused_scores
-        if fused:  # centres scored on their own; page maxima by one kernel through the page table (below)
-            def centre_scores(idx: torch.Tensor) -> torch.Tensor:  # -> [BH, G, Nc]
-                return torch.bmm(self._keys[:, idx].float(), q.transpose(1, 2)).transpose(1, 2)
+        fused = self._host_keys or (
+            (q.is_cuda and triton_available()) if self.fused_scores is None else self.fused_scores)
+        if fused:  # centres scored from their own copy; page maxima by one kernel through the page table (below)
+            def centre_scores(lvl: int) -> torch.Tensor:  # -> [BH, G, Nc]
+                return torch.bmm(self._level_keys[lvl], q.transpose(1, 2)).transpose(1, 2)
         else:
             # every token slot of the capacity: shapes stay fixed across add(); empty slots have page PAD (never
             # ranked) and parent PAD (clamped to the root, harmless: they hold no page)
             dense = torch.bmm(self._keys.float(), q.transpose(1, 2)).transpose(1, 2)  # [BH, G, T*]
 
-            def centre_scores(idx: torch.Tensor) -> torch.Tensor:
-                return dense[:, :, idx]
+            def centre_scores(lvl: int) -> torch.Tensor:
+                return dense[:, :, self._level_tok[lvl]]
         parent = self._parent.clamp(min=0)  # [BH, T*] cell holding each token
         front = torch.zeros_like(self._subtree, dtype=torch.bool)  # [BH, C] cells whose pages are scanned
         front[:, 0] = True  # the root
         for child in range(self._L - 1, 0, -1):
             idx = self._level_tok[child]  # [Nc] centres on this level
             ok = front.gather(1, parent[:, idx])  # [BH, Nc] in a scanned cell
-            s = centre_scores(idx).masked_fill(~ok[:, None], _NEG_INF)  # [BH, G, Nc]
+            s = centre_scores(child).masked_fill(~ok[:, None], _NEG_INF)  # [BH, G, Nc]
             cells = self._tok_cell[idx].expand(BH, -1)  # [BH, Nc] the cell each centre owns
             keep, order = self._beam_keep(s, self._subtree.gather(1, cells), k, fov)
             picked = torch.where(keep, cells[:, None].expand_as(order).gather(-1, order), 0)  # 0: root, already set
             front.scatter_(1, picked.reshape(BH, -1), True)
         # every page lies in one cell, so a page is scanned iff its cell is: one page max serves both rankings
         P = self._page_len.shape[1]
+        page_cell = parent.gather(1, self._page_tok[:, :, 0].clamp(min=0))  # [BH, P*]
+        seen = front.gather(1, page_cell)  # [BH, P*]
         if fused:
             from kernels.page_scores import token_page_scores
 
-            ps = token_page_scores(q.contiguous(), self._keys[:, None], self._page_tok[:, None])  # [BH, G, P*]
+            # only the scanned pages are read, unless the descent finds too few of them (see _short: the
+            # exhaustive ranking below then needs every page of that row)
+            live = torch.arange(P, device=seen.device) < self._num_pages[:, None]
+            short = (seen & live).sum(-1) < torch.clamp(self._num_pages, max=k)  # [BH]
+            load = seen | short[:, None]
+            ps = token_page_scores(q.contiguous(), self._keys[:, None], self._page_tok[:, None], load[:, None])
         else:
             tp = self._tok_page[:, None].expand(BH, G, -1)
             ps = page_max_scores(dense.reshape(1, BH * G, -1), tp.reshape(1, BH * G, -1), P).view(BH, G, P)
-        page_cell = parent.gather(1, self._page_tok[:, :, 0].clamp(min=0))  # [BH, P*]
-        seen = front.gather(1, page_cell)  # [BH, P*]
         self._last_scanned = (self._page_len * seen).sum(-1)
         return topk_ids(ps.masked_fill(~seen[:, None], _NEG_INF), k)[0], topk_ids(ps, k)[0]
+
+    def _exact_ranking(self, q: torch.Tensor, k: int) -> torch.Tensor:
+        """Every page ranked by its best token: q [BH, G, D] -> ids [BH, G, min(k, P*)]. With the keys on the
+        host, the fused kernel reads them through the page table (no device copy of the key store)."""
+        if self._host_keys:
+            from kernels.page_scores import token_page_scores
+
+            return topk_ids(token_page_scores(q.contiguous(), self._keys[:, None], self._page_tok[:, None]), k)[0]
+        return self._rank_pages(self._dense_scores(q), k)
 
     def _rank_pages(self, s: torch.Tensor, k: int) -> torch.Tensor:
         """Pages ranked by their best token score. s [BH, G, n] (-inf: not scanned) -> ids [BH, G, min(k, P*)]
@@ -1045,7 +1110,7 @@ class DCITreeIndex(Index):
         if self._keys is None:
             return
         BH, n, S = self._keys.shape[0], self._n, self._S
-        rows = torch.arange(BH, device=self._keys.device)[:, None]
+        rows = torch.arange(BH, device=self._dev)[:, None]
         tp, ts = self._tok_page[:, :n], self._tok_slot[:, :n]
         if bool((tp < 0).any()) or bool((tp >= self._num_pages[:, None]).any()):
             raise ValueError("a token has no page or a page id beyond num_pages")

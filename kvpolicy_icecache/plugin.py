@@ -35,6 +35,10 @@ def kvpolicy_register_presets():
         # IceCache(r): anchor layers 2, 5, 8, ... search; the next two reuse the anchor's pages and selection
         "icecache-reuse": {"selector": {"name": "icecache", "reuse": True}, "index": {"name": "dci_tree"},
                            "transfer": "bulk_load", "dense_layers": [0, 1]},
+        # IceCache with a GPU index that keeps no key copy (run it as icecache-hostkeys@cuda:uva): centres,
+        # projections and page tables on the GPU, keys in pinned CPU memory, read for the scanned pages only
+        "icecache-hostkeys": {"selector": {"name": "icecache"}, "index": {"name": "dci_tree", "keys_on_host": True},
+                              "transfer": "bulk_load", "dense_layers": [0, 1]},
         # ablation: DCI-tree pages ranked by the index alone, every layer sparse
         "icecache-index": {"selector": "index_topk", "index": {"name": "dci_tree"}},
     }

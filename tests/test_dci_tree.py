@@ -294,21 +294,28 @@ for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4,
     keys = clustered_keys(B=1, H=2, T=T + 16 * adds, D=32, seed=seed).to(torch.bfloat16)
     q = torch.randn(1, 2 * G, 32, generator=torch.Generator().manual_seed(seed))
     sels = []
-    for fused in (False, True):
-        idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, search_mode="masked", fused_scores=fused)
+    for fused, host in ((False, False), (True, False), (True, True)):
+        idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, search_mode="masked", fused_scores=fused,
+                           keys_on_host=host)
         idx.build(keys[:, :, :T], page_size=16)
+        assert idx._host_keys == host
         for i in range(adds):
             idx.add(keys[:, :, T + 16 * i : T + 16 * (i + 1)])
-        sels.append((idx.search(q, k).page_ids, idx.last_scanned_fraction))
-    assert torch.equal(sels[0][0], sels[1][0]), (T, seed, sels)
-    assert sels[0][1] == sels[1][1]
+        idx.validate()
+        # a descent, a k that leaves rows short (exhaustive fallback), and k beyond the pages (exhaustive path)
+        sels.append(([idx.search(q, kk).page_ids for kk in (k, 4 * k, 10_000)], idx.nbytes))
+    for other in sels[1:]:
+        for a, b in zip(sels[0][0], other[0]):
+            assert torch.equal(a, b), (T, seed, a, b)
 print("ok")
 """
 
 
 def test_fused_page_scores_select_what_the_dense_scan_selects():
     """The masked search with page maxima from kernels.page_scores.token_page_scores (Triton interpreter, CPU)
-    selects what it selects from the dense fp32 scan, also after insertions."""
+    selects what it selects from the dense fp32 scan, also after insertions, with the keys in the index's
+    store or read from the host store (``keys_on_host``: centre scores from their own copy, only scanned
+    pages read)."""
     pytest.importorskip("triton", reason="triton is not installed")
     import os
     import subprocess
@@ -465,3 +472,26 @@ def test_cuda_matches_cpu():
             assert torch.equal(a, b)
         for a, b in zip(sel_c, sel_g):
             assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_keys_on_host_selects_what_the_device_store_selects_cuda():
+    """keys_on_host on CUDA: the key store is pinned host memory read through unified addressing, the rest of
+    the index stays on the GPU; searches (descent, exhaustive) and insertions agree with the device store, and
+    the device bytes drop by the key store."""
+    keys = clustered_keys(B=2, H=2, T=3000, D=64, seed=21).to(torch.bfloat16)
+    extra = clustered_keys(B=2, H=2, T=64, D=64, seed=22).to(torch.bfloat16) * 1.3
+    q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(23)).cuda()
+    out = {}
+    for host in (False, True):
+        idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=6, device="cuda", keys_on_host=host)
+        idx.build(keys.cuda(), page_size=16)
+        assert idx._keys.is_pinned() == host and idx._keys.is_cuda != host
+        lays = [idx.add(extra[:, :, i : i + 16].cuda()).page_ids.cpu() for i in range(0, 64, 16)]
+        idx.validate()
+        sels = [idx.search(q, kk).page_ids.cpu() for kk in (8, 40, 10_000)]
+        out[host] = (lays, sels, idx.nbytes, idx.device_nbytes)
+    for a, b in zip(out[False][0] + out[False][1], out[True][0] + out[True][1]):
+        assert torch.equal(a, b)
+    assert out[True][3] < out[False][3] - 2 * 2 * 3000 * 64 * 2 * 0.99
+

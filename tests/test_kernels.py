@@ -226,12 +226,22 @@ def token_pages(B, H, T, C, S, g) -> torch.Tensor:
 
 
 def check_token_page_scores(q, keys, page_tok) -> None:
+    """The kernel against its reference, over all pages and under a random page mask (pages left out score
+    -inf, the others exactly as without the mask)."""
     from kernels.page_scores import token_page_scores, token_page_scores_ref
 
     got, ref = token_page_scores(q, keys, page_tok), token_page_scores_ref(q, keys, page_tok)
     assert torch.equal(torch.isneginf(got), torch.isneginf(ref)) and torch.isneginf(ref).any()
     fin = torch.isfinite(ref)
     torch.testing.assert_close(got[fin], ref[fin], atol=1e-4, rtol=1e-4)
+    B, H, C = page_tok.shape[:3]
+    mask = torch.rand(B, H, C, generator=torch.Generator().manual_seed(C)).to(page_tok.device) < 0.4
+    got_m = token_page_scores(q, keys, page_tok, mask)
+    ref_m = token_page_scores_ref(q, keys, page_tok, mask)
+    assert torch.equal(torch.isneginf(got_m), torch.isneginf(ref_m))
+    G = q.shape[1] // H
+    assert torch.isneginf(got_m.view(B, H, G, C)[~mask.unsqueeze(2).expand(B, H, G, C)]).all()
+    assert torch.equal(got_m[torch.isfinite(ref_m)], got[torch.isfinite(ref_m)])
 
 
 @pytest.mark.cuda
@@ -246,10 +256,14 @@ def test_window_length_on_the_device_cuda():
 @needs_triton
 @pytest.mark.parametrize("G", [1, 4, 7])
 @pytest.mark.parametrize("D", [64, 128])
-def test_token_page_scores_match_reference_cuda(D, G):
+@pytest.mark.parametrize("store", ["device", "pinned"])
+def test_token_page_scores_match_reference_cuda(D, G, store):
+    """Keys on the GPU, or in pinned host memory read through unified addressing (the dci_tree keys_on_host
+    mode)."""
     g = torch.Generator().manual_seed(D + G)
     keys = torch.randn(3, 2, 5000, D, generator=g).to(torch.bfloat16)
-    check_token_page_scores(torch.randn(3, 2 * G, D, generator=g).cuda(), keys.cuda(),
+    keys = keys.cuda() if store == "device" else keys.pin_memory()
+    check_token_page_scores(torch.randn(3, 2 * G, D, generator=g).cuda(), keys,
                             token_pages(3, 2, 5000, 400, 16, g).cuda())
 
 
