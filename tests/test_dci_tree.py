@@ -401,6 +401,11 @@ def test_bad_arguments():
             DCITreeIndex(**kw)
     with pytest.raises(TypeError):
         DCITreeIndex(random_promotion=1)
+    with pytest.raises(TypeError, match="keys_on_host"):
+        DCITreeIndex(keys_on_host="yes")
+    for kw in ({"search_mode": "beam"}, {"fused_scores": False}):  # the host store is read by the fused kernel
+        with pytest.raises(ValueError, match="keys_on_host"):
+            DCITreeIndex(keys_on_host=True, **kw)
     idx = DCITreeIndex()
     with pytest.raises(RuntimeError):
         idx.add(torch.randn(1, 1, 2, 4))
@@ -420,7 +425,22 @@ def test_bf16_keys_and_metadata_bytes():
     idx.add(keys[:, :, :16])
     idx.validate()
     assert idx.nbytes > keys.nbytes
+    assert idx.device_nbytes == 0  # a CPU index holds nothing on an accelerator
     idx.search(torch.randn(1, 4, 16, dtype=torch.bfloat16), 4).validate(idx.num_pages)
+
+
+def test_keys_on_host_on_a_cpu_device_changes_nothing():
+    """Without CUDA (and outside the Triton interpreter) keys_on_host keeps the ordinary CPU store and search."""
+    keys = clustered_keys(B=1, H=2, T=900, D=16, seed=5)
+    q = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(6))
+    sels = []
+    for host in (False, True):
+        idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, keys_on_host=host)
+        idx.build(keys, page_size=16)
+        assert not idx._host_keys
+        idx.add(keys[:, :, :16] * 1.1)
+        sels.append(idx.search(q, 6).page_ids)
+    assert torch.equal(sels[0], sels[1])
 
 
 def test_registered_with_preset():
