@@ -14,5 +14,5 @@ if [ "${3:-200}" != 0 ]; then
 fi
 POL=${2:-icecache@cuda:uva,quest:uva,icecache-reuse@cuda:uva}
 timeout "${4:-330}" python3 -m kvpolicy.cli bench decode --config llama3-8b --policy "$POL" --budget 256 --length "$1" \
-  --steps 16 --breakdown-steps 4 --sdpa-backend flash --json "$OUT/bench_decode_llama8b_h200.json" \
+  --steps 16 --breakdown-steps 4 --sdpa-backend flash --dense-graphs --json "$OUT/bench_decode_llama8b_h200.json" \
   --plot "$OUT/bench_decode_llama8b_h200.png" 2>&1 | grep -v -E "Warning|forward_call|bench decode:" | tail -30

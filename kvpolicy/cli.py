@@ -249,7 +249,7 @@ def cmd_bench_decode(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
     cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,
-                            breakdown_steps=args.breakdown_steps, dense=not args.no_dense,
+                            breakdown_steps=args.breakdown_steps, dense=not args.no_dense, dense_graphs=args.dense_graphs,
                             index_device=args.index_device, sdpa_backend=args.sdpa_backend)
     meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
             else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg)}
@@ -357,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--breakdown-steps", type=int, default=8, help="further device-synced steps for the breakdown")
     s.add_argument("--index-device", default=None, help="put the policies' index on this device (cpu, cuda)")
     s.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    s.add_argument("--dense-graphs", action="store_true",
+                   help="also run the dense baseline with a static cache, each step replayed from one CUDA graph "
+                        "(variant 'dense+graphs'; CUDA only)")
     s.add_argument("--sdpa-backend", default=None, choices=["flash", "efficient", "cudnn", "math"],
                    help="pin SDPA (prefill, dense baseline, dense layers) to one backend (default: torch's choice)")
     s.add_argument("--json", default=None, help="write {meta, rows} JSON here")

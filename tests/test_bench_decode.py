@@ -66,3 +66,23 @@ def test_bench_decode_too_long(tiny):
 
 def test_plot_without_rows(tmp_path):
     assert plot_decode([], tmp_path / "empty.png").exists()
+
+
+def test_static_dense_baseline_decodes_what_the_dynamic_cache_decodes(tiny):
+    """The captured dense baseline's step (run eagerly here: no CUDA) with its static cache generates the same
+    greedy tokens as eager decoding with a DynamicCache; on a CPU the variant is an error row, not a crash."""
+    import torch
+    from transformers import DynamicCache
+
+    from kvpolicy.bench.decode import _run_dense_static, _run_variant
+
+    cfg = DecodeBenchConfig(policies=[], lengths=[300], steps=6, breakdown_steps=0)
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(3))
+    eager = _run_variant(tiny, ids, DynamicCache(config=tiny.config), cfg)
+    static = _run_dense_static(tiny, ids, cfg, capture=False)
+    assert static["tokens"] == eager["tokens"] and len(static["tokens"]) == 1 + 1 + 6
+    assert static["device_kv_bytes"] >= 4 * 2 * 1 * 300 * 64 * tiny.dtype.itemsize
+    rows = bench_decode(tiny, DecodeBenchConfig(policies=["streaming"], budget=64, lengths=[256], steps=2,
+                                                breakdown_steps=0, dense_graphs=True), progress=False)
+    assert [r["variant"] for r in rows] == ["dense", "dense+graphs", "streaming"]
+    assert "CUDA" in rows[1]["error"] and "error" not in rows[2]

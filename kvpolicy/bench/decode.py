@@ -60,6 +60,7 @@ class DecodeBenchConfig:
     steps: int = 32
     breakdown_steps: int = 8
     dense: bool = True
+    dense_graphs: bool = False  # also the dense baseline with a static cache, each step one CUDA graph
     sdpa_backend: str | None = None  # flash, efficient, cudnn, math; None: torch's choice
     index_device: str | None = None  # None: the policy's own default
     seed: int = 0
@@ -94,6 +95,9 @@ def _sync(dev: torch.device) -> None:
 GRAPHS_SUFFIX = "+graphs"
 
 
+DENSE_GRAPHS = "dense+graphs"
+
+
 def split_graphs(variant: str) -> tuple[str, bool]:
     """``"icecache@cuda:uva+graphs"`` -> ``("icecache@cuda:uva", True)``: the suffix turns on the experimental
     per-layer CUDA-graph decode step (``PolicyLayer.cuda_graphs``) for that variant only."""
@@ -125,12 +129,15 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
     _sync(dev)
     ttft = time.perf_counter() - t0
 
+    tokens = [nxt]
+
     def step() -> float:
         nonlocal nxt
         t = time.perf_counter()
         o = model(nxt, past_key_values=cache, use_cache=True)
         nxt = o.logits[:, -1:].argmax(-1)
         _sync(dev)
+        tokens.append(nxt)
         return time.perf_counter() - t
 
     first = step()
@@ -138,6 +145,7 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
     row: dict[str, Any] = {
         "ttft_s": ttft, "ttst_s": ttft + first, "tpot_ms": statistics.median(times) * 1e3,
         "tpot_mean_ms": statistics.fmean(times) * 1e3, "step_times_ms": [round(t * 1e3, 3) for t in times],
+        "tokens": torch.cat(tokens, 1)[0].tolist(),  # greedy output (after the timing): same prompt for every variant
     }
     layers = _policy_layers(cache)
     if layers and cfg.breakdown_steps:
@@ -168,6 +176,67 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
                 "index_device_bytes": mem["index_on_device"],
                 "device_kv_fraction": mem["device_kv"] / tot if tot else None})
     return row
+
+
+@torch.inference_mode()
+def _run_dense_static(model, ids: torch.Tensor, cfg: DecodeBenchConfig, capture: bool) -> dict[str, Any]:
+    """The dense baseline without the host cost of eager decoding: a ``StaticCache`` sized for the run, and
+    each decode step (the whole model) replayed from one CUDA graph (``capture``; eager otherwise, for tests).
+    TTST includes the capture. Every step attends over the cache's full length with a mask, as static caches
+    do, so SDPA needs a backend that takes masks (not flash)."""
+    from transformers import StaticCache
+
+    dev = model.device
+    L = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=L + cfg.steps + 4)
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(L, device=dev),
+                logits_to_keep=1)
+    tok = out.logits[:, -1:].argmax(-1)  # [1, 1] the step's input, fixed storage
+    _sync(dev)
+    ttft = time.perf_counter() - t0
+    pos = torch.tensor([L], device=dev)  # [1] cache position of the step's token
+
+    def forward() -> torch.Tensor:  # -> [1, 1] next token
+        return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1)
+
+    t1 = time.perf_counter()
+    if capture:
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up (writes position L, which the first replay writes again)
+            forward()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            nxt = forward()
+
+        def run() -> torch.Tensor:
+            graph.replay()
+            return nxt
+    else:
+        run = forward
+    setup = time.perf_counter() - t1
+
+    tokens = [tok.clone()]
+
+    def step() -> float:
+        t = time.perf_counter()
+        tok.copy_(run())
+        pos.add_(1)
+        _sync(dev)
+        tokens.append(tok.clone())
+        return time.perf_counter() - t
+
+    first = step()
+    times = [step() for _ in range(cfg.steps)]
+    kv = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers if getattr(x, "keys", None) is not None)
+    return {"ttft_s": ttft, "ttst_s": ttft + setup + first, "tpot_ms": statistics.median(times) * 1e3,
+            "tpot_mean_ms": statistics.fmean(times) * 1e3, "step_times_ms": [round(t * 1e3, 3) for t in times],
+            "tokens": torch.cat(tokens, 1)[0].tolist(),
+            "device_kv_bytes": kv, "cpu_kv_bytes": 0, "index_bytes": 0, "index_device_bytes": 0,
+            "device_kv_fraction": 1.0}
 
 
 def _sdpa(backend: str | None):
@@ -218,7 +287,8 @@ def bench_decode(
         preset, idx_dev, transfer = split_placement(spec)  # "icecache@cuda:uva": index on the GPU, uva transfer
         pol = Policy.resolve(preset, budget=cfg.budget).placed(idx_dev or cfg.index_device, transfer)
         pols[name] = pol
-    variants: list[tuple[str, Any]] = ([("dense", None)] if cfg.dense else []) + list(pols.items())
+    variants: list[tuple[str, Any]] = (([("dense", None)] if cfg.dense else [])
+                                       + ([(DENSE_GRAPHS, None)] if cfg.dense_graphs else []) + list(pols.items()))
     with _sdpa(cfg.sdpa_backend):  # also validates the name before any work
         _warmup(model)
     max_ctx = getattr(model.config, "max_position_embeddings", None)
@@ -248,8 +318,14 @@ def bench_decode(
         for la in _policy_layers(cache):
             la.cuda_graphs = graphs
         try:
-            with _sdpa(cfg.sdpa_backend):
-                row.update(_run_variant(model, ids, cache, cfg))
+            if vname == DENSE_GRAPHS:
+                if dev.type != "cuda":
+                    raise RuntimeError("the captured dense baseline needs a CUDA device")
+                with _sdpa("efficient" if cfg.sdpa_backend == "flash" else cfg.sdpa_backend):  # masks: no flash
+                    row.update(_run_dense_static(model, ids, cfg, capture=True))
+            else:
+                with _sdpa(cfg.sdpa_backend):
+                    row.update(_run_variant(model, ids, cache, cfg))
             if dev.type == "cuda":
                 row["device_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
                 row["device_peak_over_weights_bytes"] = torch.cuda.max_memory_allocated(dev) - base
@@ -278,13 +354,16 @@ def bench_decode(
 
 
 def _add_ratios(rows: list[dict]) -> list[dict]:
-    """``tpot_vs_dense`` and ``ttst_vs_dense_prefill`` against the dense row of the same length (if run)."""
-    dense = {r["length"]: r for r in rows if r["variant"] == "dense" and "tpot_ms" in r}
-    for r in rows:
-        d = dense.get(r["length"])
-        if d is not None and "tpot_ms" in r:
-            r["tpot_vs_dense"] = r["tpot_ms"] / d["tpot_ms"]
-            r["ttst_vs_dense_prefill"] = r["ttst_s"] / d["ttft_s"]
+    """``tpot_vs_dense`` and ``ttst_vs_dense_prefill`` against the dense row of the same length (if run), and
+    ``tpot_vs_dense_graphs`` against the captured dense baseline."""
+    for base, key in (("dense", "tpot_vs_dense"), (DENSE_GRAPHS, "tpot_vs_dense_graphs")):
+        dense = {r["length"]: r for r in rows if r["variant"] == base and "tpot_ms" in r}
+        for r in rows:
+            d = dense.get(r["length"])
+            if d is not None and "tpot_ms" in r:
+                r[key] = r["tpot_ms"] / d["tpot_ms"]
+                if base == "dense":
+                    r["ttst_vs_dense_prefill"] = r["ttst_s"] / d["ttft_s"]
     return rows
 
 
@@ -295,16 +374,18 @@ def print_table(rows: list[dict]) -> None:
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     t = Table(title="decode latency and memory (per output token: median and mean step; breakdown summed over layers, "
                     "device-synced)")
-    for c in ("length", "variant", "TTFT s", "TTST s", "TPOT ms", "mean", "× dense", "select", "transfer", "attn",
+    for c in ("length", "variant", "TTFT s", "TTST s", "TPOT ms", "mean", "× dense", "× dense+graphs", "select",
+              "transfer", "attn",
               "insert", "rest", "GB/s", "dev KV MiB", "KV on dev", "CPU KV MiB", "index MiB (on dev)"):
         t.add_column(c, justify="left" if c == "variant" else "right")
     for r in rows:
         if "error" in r:
-            t.add_row(str(r["length"]), r["variant"], r["error"][:60], *["-"] * 14)
+            t.add_row(str(r["length"]), r["variant"], r["error"][:60], *["-"] * 15)
             continue
         t.add_row(
             str(r["length"]), r["variant"], f(r["ttft_s"], ".3f"), f(r["ttst_s"], ".3f"), f(r["tpot_ms"], ".2f"),
-            f(r.get("tpot_mean_ms"), ".2f"), f(r.get("tpot_vs_dense"), ".2f"), f(r.get("select_ms"), ".2f"), f(r.get("transfer_ms"), ".2f"),
+            f(r.get("tpot_mean_ms"), ".2f"), f(r.get("tpot_vs_dense"), ".2f"), f(r.get("tpot_vs_dense_graphs"), ".2f"),
+            f(r.get("select_ms"), ".2f"), f(r.get("transfer_ms"), ".2f"),
             f(r.get("attention_ms"), ".2f"), f(r.get("insert_ms"), ".2f"), f(r.get("rest_ms"), ".2f"),
             f(r.get("transfer_gbps"), ".2f"), f(r["device_kv_bytes"] / 2**20, ".1f"),
             f(r["device_kv_fraction"], ".1%") if r.get("device_kv_fraction") is not None else "-",
