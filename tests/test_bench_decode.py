@@ -36,6 +36,9 @@ def test_bench_decode_rows(tiny):
             assert r[k] >= 0, k
         assert r["select_ms"] + r["transfer_ms"] + r["attention_ms"] <= r["breakdown_step_ms"]
     assert quest["pages_moved_per_step"] >= 0
+    for r in (quest, stream):  # prefill jobs and insertions, summed over the policy layers
+        assert r["layers_build_s"] >= r["layers_build_index_s"] >= 0 and r["layers_wait_s"] >= 0
+    assert quest["pages_inserted"] >= 0 and "layers_build_s" not in dense
 
 
 def test_bench_decode_cli_json_and_plot(tmp_path, capsys):

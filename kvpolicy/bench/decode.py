@@ -170,6 +170,13 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
         row["pages_moved_per_step"] = delta["pages_moved"] / n
         row["bytes_moved_per_step"] = delta["bytes_moved"] / n
         row["transfer_gbps"] = delta["bytes_moved"] / delta["transfer_s"] / 1e9 if delta["transfer_s"] else None
+    if layers:  # where the prefill jobs and insertions spent their time, summed over layers (seconds)
+        for la in layers:
+            la.wait_ready()
+        sums = {k: sum(la.stats.as_dict()[k] for la in layers) for k in
+                ("build_s", "build_index_s", "build_pool_s", "pool_alloc_s", "insert_work_s", "wait_s")}
+        row.update({f"layers_{k}": v for k, v in sums.items()})
+        row["pages_inserted"] = sum(la.stats.as_dict()["pages_inserted"] for la in layers)
     mem = _kv_bytes(cache)
     tot = mem["device_kv"] + mem["cpu_kv"]
     row.update({"device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"], "index_bytes": mem["index"],
