@@ -212,8 +212,9 @@ class PolicyLayer:
         self.wait_ready()
         stream = ready = None
         if self.device.type == "cuda":
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(device=self.device)
+            if self._stream is None:  # high priority: its many small kernels (and the host reads that wait for
+                # them) go ahead of the long prefill attention kernels queued meanwhile on the current stream
+                self._stream = torch.cuda.Stream(device=self.device, priority=-1)
             stream, ready = self._stream, torch.cuda.current_stream(self.device).record_event()
         modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())  # thread-local: carry them over
         self._job_inputs = args  # kept alive until the current stream has waited for the job
