@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import Selector
+from kvpolicy.ops import storage_key
 from kvpolicy.types import PAD, SearchParams, SelectContext, Selection
 
 __all__ = ["IceCacheSelector"]
@@ -53,6 +54,7 @@ class IceCacheSelector(Selector):
                 raise ValueError(f"{f} must be in (0, 1] or None, got {v}")
         if self.first_anchor < 0 or self.reuse_group < 1:
             raise ValueError("first_anchor must be >= 0 and reuse_group >= 1")
+        self._follow_key: tuple | None = None  # a following layer's last capture key (see capture_key)
 
     def is_anchor(self, layer: int) -> bool:
         return not self.reuse or layer < self.first_anchor or (layer - self.first_anchor) % self.reuse_group == 0
@@ -73,10 +75,18 @@ class IceCacheSelector(Selector):
         )
 
     def capture_key(self, ctx: SelectContext) -> tuple | None:
-        """Anchor layers whose index search is capturable (the ``dci_tree`` masked search on CUDA); layers that
-        reuse an anchor's selection run eagerly (they only mask the anchor's ids)."""
+        """Anchor layers whose index search is capturable (the ``dci_tree`` masked search on CUDA), and layers
+        that reuse an anchor's selection once it comes from fixed storage: the captured step then reads the
+        anchor's ids where the anchor's own captured step writes them. The key names that storage; it must
+        repeat from one step to the next before a following layer is captured (an eager anchor hands over a
+        fresh tensor at each step)."""
         if not self.is_anchor(ctx.layer):
-            return None
+            prev = ctx.prev_selection
+            if prev is None or not prev.page_ids.is_cuda:
+                return None
+            key = ("icecache-follow", storage_key(prev.page_ids), ctx.k)
+            stable, self._follow_key = key == self._follow_key, key
+            return key if stable else None
         key = ctx.index.capture_key(ctx.k, self.search_params(ctx))
         return None if key is None else ("icecache", key)
 
@@ -89,5 +99,9 @@ class IceCacheSelector(Selector):
                     "but no selection of that step reached it (run it through KVPolicyCache)"
                 )
             ids = prev.page_ids[..., : ctx.k]
+            if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+                # recorded into a captured step (capture_key): this layer mirrors its anchor's pages, so the
+                # anchor's ids are valid here; the page counts of this step cannot be recorded
+                return Selection(page_ids=ids)
             return Selection(page_ids=torch.where(ids < ctx.num_pages.to(ids.device).unsqueeze(-1), ids, PAD))
         return ctx.index.search(query, ctx.k, params=self.search_params(ctx))

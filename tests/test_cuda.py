@@ -133,3 +133,29 @@ def test_captured_decode_steps_match_eager_ones(preset):
         assert eager[2][f] == graphed[2][f], f
     # a capture's warm-up stamps the LRU clock once more, so later evictions may differ slightly
     assert graphed[2]["pages_moved"] == pytest.approx(eager[2]["pages_moved"], rel=0.1)
+
+
+@pytest.mark.parametrize("preset", ["icecache", "icecache-reuse", "icecache-hostkeys"])
+def test_captured_model_decoding_matches_eager(preset):
+    """Whole-model decoding with every policy layer's step captured (anchors, and under ``icecache-reuse`` the
+    layers that follow them, reading the anchor's ids from its graph's output) generates what eager decoding
+    generates, across window flushes and insertions."""
+    from kvpolicy.policy import Policy
+
+    model = tiny_model("llama", layers=6).cuda()  # layers 3, 4 mirror anchor 2 under icecache-reuse
+    ids = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(4)).cuda()
+    base = Policy.resolve_placed(f"{preset}@cuda:uva", budget=128)
+    pol = Policy.from_config({**base.to_config(), "dense_layers": [0]})
+    outs, caches = [], []
+    for graphs in (False, True):
+        cache = KVPolicyCache(model, pol)
+        for i in cache.policy_layers:
+            cache.layers[i].state.cuda_graphs = graphs
+        with torch.inference_mode():
+            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=48, do_sample=False))
+        caches.append(cache)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(outs[0], outs[1])
+    states = [caches[1].layers[i].state for i in caches[1].policy_layers]
+    assert all(s._graph is not None for s in states)  # every policy layer, followers included, replayed
+    assert caches[1].stats()["pages_inserted"] == caches[0].stats()["pages_inserted"] > 0
