@@ -13,18 +13,24 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import Selector
+from kvpolicy.ops import storage_key
 from kvpolicy.types import PageLayout, SelectContext, Selection
-from kvpolicy_contrib.selectors._pages import page_keys, page_valid, rank_pages_per_head
+from kvpolicy_contrib.selectors._pages import page_keys, rank_pages_per_head
 
 __all__ = ["DigestSelector", "PageDigests"]
 
 
 class PageDigests:
-    """Per-page digests of one layer, on the compute device: ``lo``/``hi``/``centre`` [B, Hkv, Pcap, D] and
-    ``radius`` [B, Hkv, Pcap] (float32)."""
+    """Per-page digests of one layer, on the compute device: ``lo``/``hi``/``centre`` [B, Hkv, Pcap + 1, D] and
+    ``radius`` [B, Hkv, Pcap + 1] (float32; the last row takes the writes of PAD pages), and ``num_pages``
+    [B, Hkv] int64, the pages written so far (updated in place: its storage stays fixed)."""
 
     def __init__(self) -> None:
-        self.lo = self.hi = self.centre = self.radius = None
+        self.lo = self.hi = self.centre = self.radius = self.num_pages = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.lo is None else self.lo.shape[2] - 1
 
     def write(self, layout: PageLayout, ctx: SelectContext, device: torch.device) -> None:
         """(Re)compute the digests of the pages in ``layout`` from their keys in the pool."""
@@ -47,6 +53,11 @@ class PageDigests:
         self.hi.scatter_(2, idx, hi)
         self.centre.scatter_(2, idx, centre)
         self.radius.scatter_(2, dst, radius)
+        num = layout.num_pages.to(device)  # pages in the index after this write
+        if self.num_pages is None or self.num_pages.shape != num.shape:
+            self.num_pages = num.clone()
+        else:
+            self.num_pages.copy_(num)
 
     def _grow(self, B: int, H: int, pages: int, D: int, device: torch.device) -> None:
         cap = 0 if self.lo is None else self.lo.shape[2] - 1
@@ -65,7 +76,8 @@ class PageDigests:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.lo is None else sum(t.nbytes for t in (self.lo, self.hi, self.centre, self.radius))
+        return 0 if self.lo is None else sum(t.nbytes for t in (self.lo, self.hi, self.centre, self.radius,
+                                                                  self.num_pages))
 
 
 @dataclass(kw_only=True)
@@ -97,14 +109,24 @@ class DigestSelector(Selector):
         """q: [B, Hkv, G, D] float32 -> [B, Hkv, G, P] page scores (higher = more important)."""
         raise NotImplementedError
 
+    def capture_key(self, ctx: SelectContext) -> tuple | None:
+        """Capturable on CUDA: ``select`` scores every page of the digest capacity and masks the pages not
+        written yet with the digests' own page counts, so it reads fixed storage in fixed shapes (until the
+        digests grow)."""
+        d = self.digests
+        if d.lo is None or not d.lo.is_cuda:
+            return None
+        return ("digests", *storage_key(d.lo, d.hi, d.centre, d.radius, d.num_pages), ctx.k, ctx.num_kv_heads)
+
     def select(self, query: torch.Tensor, ctx: SelectContext) -> Selection:  # query: [B, Hq, D]
         d = self.digests
-        P = int(ctx.num_pages.max()) if ctx.num_pages.numel() else 0
+        P = d.capacity  # fixed between growths; pages not written yet score -inf
         B, Hq, D = query.shape
         H = ctx.num_kv_heads
         q = query.to(d.lo.device).float().view(B, H, Hq // H, D)
         scores = self.score(q, d, P)  # [B, H, G, P]
-        scores = scores.masked_fill(~page_valid(ctx, P, scores.device).unsqueeze(2), float("-inf"))
+        valid = torch.arange(P, device=scores.device) < d.num_pages.unsqueeze(-1)  # [B, H, P]
+        scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
         return rank_pages_per_head(scores.reshape(B, Hq, P), H, ctx.k)
 
 
