@@ -98,7 +98,7 @@ def test_dci_tree_graph_search_follows_adds_and_growth():
 
 
 @pytest.mark.parametrize("preset", ["icecache", "icecache-reuse", "icecache-index", "icecache-hostkeys", "quest",
-                                    "arkvale"])
+                                    "arkvale", "exact-topk"])
 def test_captured_decode_steps_match_eager_ones(preset):
     """``PolicyLayer.cuda_graphs``: with the index on the GPU and the ``uva`` transfer, every decode step of
     an anchor layer is one CUDA-graph replay (re-captured when a table grows); outputs, selections and the
@@ -160,3 +160,26 @@ def test_captured_model_decoding_matches_eager(preset):
     states = [caches[1].layers[i].state for i in caches[1].policy_layers]
     assert all(s._graph is not None for s in states)  # every policy layer, followers included, replayed
     assert caches[1].stats()["pages_inserted"] == caches[0].stats()["pages_inserted"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_index_fused_search_matches_the_torch_scores(dtype):
+    """``ExactIndex.search`` on CUDA (fused page scores over the capacity, page lengths on the device) ranks the
+    pages as the float32 torch scores do, before and after insertions (a partial last page, a growth)."""
+    from kvpolicy.ops import gqa_merge, topk_ids
+    from kvpolicy.reference.exact_index import ExactIndex
+
+    g = torch.Generator().manual_seed(7)
+    keys = torch.randn(2, 2, 1000, 64, generator=g).to(dtype).cuda()
+    idx = ExactIndex(device="cuda")
+    idx.build(keys[:, :, :700], page_size=16)
+    for n in (0, 5, 300):  # 700 -> 705 (partial page) -> 1005 (beyond the headroom: the store grows)
+        if n:
+            idx.add(torch.randn(2, 2, n, 64, generator=g).to(dtype).cuda())
+        q = torch.randn(2, 8, 64, generator=g).to(dtype).cuda()
+        got = idx.search(q, 12).page_ids
+        ref = gqa_merge(topk_ids(idx.page_scores(q), 12)[0].view(2, 2, 4, -1), 12)
+        assert got.shape == ref.shape and int(got.max()) < int(idx.num_pages.max())
+        same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got.flatten(0, 1), ref.flatten(0, 1)))
+        assert same >= 0.98 * ref.numel()  # float32 sums in another order may swap near-equal pages
+

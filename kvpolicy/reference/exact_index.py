@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import Index
-from kvpolicy.ops import check_tensor, gqa_merge, topk_ids
+from kvpolicy.ops import check_tensor, gqa_merge, storage_key, topk_ids, triton_available
 from kvpolicy.types import PAD, PageLayout, SearchParams, Selection
 
 __all__ = ["ExactIndex"]
@@ -22,6 +22,12 @@ class ExactIndex(Index):
     key (the index keeps a copy of the keys on ``device``); the heads of a GQA group are merged by
     interleaving their rankings (``kvpolicy.ops.gqa_merge``). This is the ground truth that approximate
     indexes are measured against (recall@k).
+
+    On CUDA (with triton) ``search`` scores the pages with the fused kernel
+    ``kernels.page_scores.exact_page_scores`` over the key store viewed as pages of its whole capacity, with the
+    valid length of each page kept on the device: fixed shapes and storage between growths, so the search is
+    capturable (``capture_key``). The query is taken in the keys' dtype there (what a model produces);
+    ``page_scores`` keeps the float32 torch computation.
     """
 
     name: ClassVar[str] = "exact"
@@ -33,7 +39,8 @@ class ExactIndex(Index):
         self.reset()
 
     def reset(self) -> None:
-        self._keys: torch.Tensor | None = None  # [B, Hkv, Tcap, D]
+        self._keys: torch.Tensor | None = None  # [B, Hkv, Tcap, D], Tcap a multiple of the page size
+        self._lens: torch.Tensor | None = None  # [B, Hkv, Tcap / S] int32 valid tokens per page (fused search)
         self._n = 0
         self._page_size = 0
 
@@ -78,9 +85,12 @@ class ExactIndex(Index):
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         B, H, T, D = keys.shape
         # headroom for decode-time add(): the first insertions write in place instead of doubling the store
-        self._keys = keys.new_empty((B, H, T + max(256, T // 8), D), device=self.device)
+        cap = -(-(T + max(256, T // 8)) // page_size) * page_size
+        self._keys = keys.new_empty((B, H, cap, D), device=self.device)
         self._keys[:, :, :T] = keys.detach()
         self._n, self._page_size = T, page_size
+        self._lens = None
+        self._update_lengths()
         return self._layout(0)
 
     def add(self, keys: torch.Tensor) -> PageLayout:
@@ -92,12 +102,30 @@ class ExactIndex(Index):
         first_page = self._n // self._page_size  # the last, partial page changes too
         n_new = self._n + keys.shape[2]
         if n_new > self._keys.shape[2]:
-            grown = self._keys.new_empty((*self._keys.shape[:2], max(n_new, 2 * self._keys.shape[2]), keys.shape[-1]))
+            S = self._page_size
+            cap = -(-max(n_new, 2 * self._keys.shape[2]) // S) * S
+            grown = self._keys.new_empty((*self._keys.shape[:2], cap, keys.shape[-1]))
             grown[:, :, : self._n] = self._keys[:, :, : self._n]
             self._keys = grown
         self._keys[:, :, self._n : n_new] = keys.to(self._keys.device, self._keys.dtype)
         self._n = n_new
+        self._update_lengths()
         return self._layout(first_page)
+
+    def _fused(self) -> bool:
+        return self._keys is not None and self._keys.is_cuda and triton_available()
+
+    def _update_lengths(self) -> None:
+        """Valid tokens of every page of the capacity, on the device, rewritten in place (fused search)."""
+        if not self._fused():
+            return
+        B, H, cap, _ = self._keys.shape
+        S = self._page_size
+        lens = (self._n - torch.arange(0, cap, S, device=self._keys.device)).clamp(0, S).to(torch.int32)
+        if self._lens is None or self._lens.shape[-1] != lens.numel():
+            self._lens = lens.expand(B, H, -1).contiguous()
+        else:
+            self._lens.copy_(lens.expand(B, H, -1))
 
     # ---------------------------------------------------------------- search
     def page_scores(self, queries: torch.Tensor) -> torch.Tensor:
@@ -119,8 +147,25 @@ class ExactIndex(Index):
         scores = torch.nn.functional.pad(scores, (0, P * S - self._n), value=float("-inf"))
         return scores.view(B, H * G, P, S).amax(dim=-1)  # positional pages: [B, Hq, P]
 
+    def capture_key(self, k: int, params: SearchParams | None = None) -> tuple | None:
+        """The fused search on CUDA reads the key store and the page lengths in place, in fixed shapes."""
+        if not self._fused() or self._n == 0:
+            return None
+        return ("exact", *storage_key(self._keys, self._lens), k)
+
     def search(self, queries: torch.Tensor, k: int, *, params: SearchParams | None = None) -> Selection:
-        pscores = self.page_scores(queries)  # [B, Hq, P]
+        if self._fused() and self._n and queries.dim() == 3 and queries.shape[0] == self._keys.shape[0]:
+            from kernels.page_scores import exact_page_scores
+
+            B, H, cap, D = self._keys.shape
+            S = self._page_size
+            if queries.shape[-1] != D or queries.shape[1] % H:
+                raise ValueError(
+                    f"queries shape {tuple(queries.shape)} is not [B={B}, Hq (multiple of Hkv={H}), D={D}]")
+            pool = self._keys.view(B, H, cap // S, S, D)  # pages of the whole capacity (empty ones score -inf)
+            pscores = exact_page_scores(queries.to(self._keys.device, self._keys.dtype), pool, self._lens)
+        else:
+            pscores = self.page_scores(queries)  # [B, Hq, P]
         B, Hq, _ = pscores.shape
         H = self._keys.shape[1]
         ids, _ = topk_ids(pscores, k)  # [B, Hq, k]
