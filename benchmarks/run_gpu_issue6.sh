@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6 on the lent GPU (carry .whl): CUDA tests of kernels and the decode path, then decode latency vs dense
-# (Llama-3.1-8B shape, random bf16 weights, flash SDPA for every dense attention). Usage:
+# (Llama-3.1-8B shape, random bf16 weights, flash SDPA for every dense attention; also the captured dense
+# baseline, --dense-graphs). Usage:
 #   run_gpu_issue6.sh LENGTHS [POLICIES] [TEST_SECONDS] [BENCH_SECONDS]
 set -u
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -12,7 +13,7 @@ if [ "${3:-200}" != 0 ]; then
     tests/test_cuda.py tests/test_conformance.py tests/test_dci_tree.py 2>&1 | grep -v -E "Warning|forward_call|^$" | tail -40 \
     | tee "$OUT/gpu_tests_issue6.log" | tail -12
 fi
-POL=${2:-icecache@cuda:uva,quest:uva,icecache-reuse@cuda:uva}
+POL=${2:-icecache@cuda:uva+graphs,icecache-hostkeys@cuda:uva+graphs,icecache-reuse@cuda:uva+graphs,quest:uva+graphs}
 timeout "${4:-330}" python3 -m kvpolicy.cli bench decode --config llama3-8b --policy "$POL" --budget 256 --length "$1" \
   --steps 16 --breakdown-steps 4 --sdpa-backend flash --dense-graphs --json "$OUT/bench_decode_llama8b_h200.json" \
   --plot "$OUT/bench_decode_llama8b_h200.png" 2>&1 | grep -v -E "Warning|forward_call|bench decode:" | tail -30
