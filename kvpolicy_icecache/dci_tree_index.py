@@ -911,6 +911,9 @@ class DCITreeIndex(Index):
             self._last_scanned = torch.full((BH,), self._n, dtype=torch.int64, device=dev)
             return Selection(page_ids=gqa_merge(self._exact_ranking(q, k).view(B, H, G, -1), k))
         masked = self._masked(pr, pv)
+        if self._host_keys and not masked:
+            raise ValueError("keys_on_host runs the masked search only; prop_to_retrieve/prop_to_visit < 1 need "
+                             "the 'beam' search, which reads the keys on the index's device")
         if masked and min(pr, pv) < 1.0:
             raise ValueError("search_mode='masked' scans whole cells; prop_to_retrieve/prop_to_visit < 1 need 'beam'")
         if masked:
