@@ -289,6 +289,7 @@ def test_masked_search_equals_beam_search(T, seed, G, k, adds):
 _FUSED_INTERP = """
 import torch
 from kvpolicy.testing import clustered_keys
+from kvpolicy.types import SearchParams
 from kvpolicy_icecache.dci_tree_index import DCITreeIndex
 for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4, 12, 3)]:
     keys = clustered_keys(B=1, H=2, T=T + 16 * adds, D=32, seed=seed).to(torch.bfloat16)
@@ -304,6 +305,12 @@ for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4,
         idx.validate()
         # a descent, a k that leaves rows short (exhaustive fallback), and k beyond the pages (exhaustive path)
         sels.append(([idx.search(q, kk).page_ids for kk in (k, 4 * k, 10_000)], idx.nbytes))
+        if host:  # the host store is read by the masked search only
+            try:
+                idx.search(q, k, params=SearchParams(prop_to_retrieve=0.8))
+                raise AssertionError("a pruned search with keys_on_host did not raise")
+            except ValueError as e:
+                assert "keys_on_host" in str(e)
     for other in sels[1:]:
         for a, b in zip(sels[0][0], other[0]):
             assert torch.equal(a, b), (T, seed, a, b)
