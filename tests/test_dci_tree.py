@@ -296,8 +296,8 @@ for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4,
     q = torch.randn(1, 2 * G, 32, generator=torch.Generator().manual_seed(seed))
     sels = []
     for fused, host in ((False, False), (True, False), (True, True)):
-        idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, search_mode="masked", fused_scores=fused,
-                           keys_on_host=host)
+        idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, search_mode="auto" if host else "masked",
+                           fused_scores=fused, keys_on_host=host)  # auto: keys_on_host takes the masked search
         idx.build(keys[:, :, :T], page_size=16)
         assert idx._host_keys == host
         for i in range(adds):
