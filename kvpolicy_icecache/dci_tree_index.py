@@ -112,8 +112,6 @@ def _random_levels(n: int, ratio_1: float, ratio_2: float, seed: int, max_levels
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _triton_interpreting() -> bool:
-    from kvpolicy.ops import triton_available
-
     if not triton_available():
         return False
     from kernels._checks import interpreting
@@ -1075,14 +1073,11 @@ class DCITreeIndex(Index):
         page_cell = parent.gather(1, self._page_tok[:, :, 0].clamp(min=0))  # [BH, P*]
         seen = front.gather(1, page_cell)  # [BH, P*]
         if fused:
-            from kernels.page_scores import token_page_scores
-
             # only the scanned pages are read, unless the descent finds too few of them (see _short: the
             # exhaustive ranking below then needs every page of that row)
             live = torch.arange(P, device=seen.device) < self._num_pages[:, None]
             short = (seen & live).sum(-1) < torch.clamp(self._num_pages, max=k)  # [BH]
-            load = seen | short[:, None]
-            ps = token_page_scores(q.contiguous(), self._keys[:, None], self._page_tok[:, None], load[:, None])
+            ps = self._page_maxima(q, seen | short[:, None])
         else:
             tp = self._tok_page[:, None].expand(BH, G, -1)
             ps = page_max_scores(dense.reshape(1, BH * G, -1), tp.reshape(1, BH * G, -1), P).view(BH, G, P)
@@ -1093,10 +1088,16 @@ class DCITreeIndex(Index):
         """Every page ranked by its best token: q [BH, G, D] -> ids [BH, G, min(k, P*)]. With the keys on the
         host, the fused kernel reads them through the page table (no device copy of the key store)."""
         if self._host_keys:
-            from kernels.page_scores import token_page_scores
-
-            return topk_ids(token_page_scores(q.contiguous(), self._keys[:, None], self._page_tok[:, None]), k)[0]
+            return topk_ids(self._page_maxima(q), k)[0]
         return self._rank_pages(self._dense_scores(q), k)
+
+    def _page_maxima(self, q: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
+        """Best token score of each page by the fused kernel, keys read in place through the page table:
+        q [BH, G, D] float32, load [BH, P*] bool (pages to read; None: all) -> [BH, G, P*]."""
+        from kernels.page_scores import token_page_scores
+
+        return token_page_scores(q.contiguous(), self._keys[:, None], self._page_tok[:, None],
+                                 None if load is None else load[:, None])
 
     def _rank_pages(self, s: torch.Tensor, k: int) -> torch.Tensor:
         """Pages ranked by their best token score. s [BH, G, n] (-inf: not scanned) -> ids [BH, G, min(k, P*)]

@@ -119,6 +119,14 @@ def _kv_bytes(cache) -> dict[str, int]:
     return {"device_kv": dev, "cpu_kv": 0, "index": 0, "index_on_device": 0}
 
 
+def _timing_row(ttft: float, ttst: float, times: list[float], tokens: list[torch.Tensor]) -> dict[str, Any]:
+    """Times of one run (seconds in, ms per step out) and its greedy output (read after the timing; every
+    variant decodes the same prompt)."""
+    return {"ttft_s": ttft, "ttst_s": ttst, "tpot_ms": statistics.median(times) * 1e3,
+            "tpot_mean_ms": statistics.fmean(times) * 1e3, "step_times_ms": [round(t * 1e3, 3) for t in times],
+            "tokens": torch.cat(tokens, 1)[0].tolist()}
+
+
 @torch.inference_mode()
 def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dict[str, Any]:
     dev = model.device
@@ -142,11 +150,7 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
 
     first = step()
     times = [step() for _ in range(cfg.steps)]
-    row: dict[str, Any] = {
-        "ttft_s": ttft, "ttst_s": ttft + first, "tpot_ms": statistics.median(times) * 1e3,
-        "tpot_mean_ms": statistics.fmean(times) * 1e3, "step_times_ms": [round(t * 1e3, 3) for t in times],
-        "tokens": torch.cat(tokens, 1)[0].tolist(),  # greedy output (after the timing): same prompt for every variant
-    }
+    row = _timing_row(ttft, ttft + first, times, tokens)
     layers = _policy_layers(cache)
     if layers and cfg.breakdown_steps:
         for la in layers:
@@ -173,10 +177,10 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
     if layers:  # where the prefill jobs and insertions spent their time, summed over layers (seconds)
         for la in layers:
             la.wait_ready()
-        sums = {k: sum(la.stats.as_dict()[k] for la in layers) for k in
-                ("build_s", "build_index_s", "build_pool_s", "pool_alloc_s", "insert_work_s", "wait_s")}
-        row.update({f"layers_{k}": v for k, v in sums.items()})
-        row["pages_inserted"] = sum(la.stats.as_dict()["pages_inserted"] for la in layers)
+        stats = [la.stats.as_dict() for la in layers]  # read once (device counters come back to the host)
+        for k in ("build_s", "build_index_s", "build_pool_s", "pool_alloc_s", "insert_work_s", "wait_s"):
+            row[f"layers_{k}"] = sum(st[k] for st in stats)
+        row["pages_inserted"] = sum(st["pages_inserted"] for st in stats)
     mem = _kv_bytes(cache)
     tot = mem["device_kv"] + mem["cpu_kv"]
     row.update({"device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"], "index_bytes": mem["index"],
@@ -239,10 +243,7 @@ def _run_dense_static(model, ids: torch.Tensor, cfg: DecodeBenchConfig, capture:
     first = step()
     times = [step() for _ in range(cfg.steps)]
     kv = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers if getattr(x, "keys", None) is not None)
-    return {"ttft_s": ttft, "ttst_s": ttft + setup + first, "tpot_ms": statistics.median(times) * 1e3,
-            "tpot_mean_ms": statistics.fmean(times) * 1e3, "step_times_ms": [round(t * 1e3, 3) for t in times],
-            "tokens": torch.cat(tokens, 1)[0].tolist(),
-            "device_kv_bytes": kv, "cpu_kv_bytes": 0, "index_bytes": 0, "index_device_bytes": 0,
+    return {**_timing_row(ttft, ttft + setup + first, times, tokens), "device_kv_bytes": kv, "cpu_kv_bytes": 0, "index_bytes": 0, "index_device_bytes": 0,
             "device_kv_fraction": 1.0}
 
 

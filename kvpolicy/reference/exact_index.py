@@ -128,8 +128,7 @@ class ExactIndex(Index):
             self._lens.copy_(lens.expand(B, H, -1))
 
     # ---------------------------------------------------------------- search
-    def page_scores(self, queries: torch.Tensor) -> torch.Tensor:
-        """Exact page scores: queries [B, Hq, D] -> [B, Hq, P] (max q.k over each page's tokens)."""
+    def _check_queries(self, queries: torch.Tensor) -> None:
         check_tensor("queries", queries, 3, dims="[B, Hq, D]")
         if self._keys is None:
             raise RuntimeError("ExactIndex.search() before build()")
@@ -138,6 +137,11 @@ class ExactIndex(Index):
             raise ValueError(
                 f"queries shape {tuple(queries.shape)} is not [B={B}, Hq (multiple of Hkv={H}), D={D}]"
             )
+
+    def page_scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """Exact page scores: queries [B, Hq, D] -> [B, Hq, P] (max q.k over each page's tokens)."""
+        self._check_queries(queries)
+        B, H, _, D = self._keys.shape
         G = queries.shape[1] // H
         keys = self._keys[:, :, : self._n].float()  # [B, H, T, D]
         q = queries.to(keys.device).float().view(B, H, G, D)
@@ -154,14 +158,12 @@ class ExactIndex(Index):
         return ("exact", *storage_key(self._keys, self._lens), k)
 
     def search(self, queries: torch.Tensor, k: int, *, params: SearchParams | None = None) -> Selection:
-        if self._fused() and self._n and queries.dim() == 3 and queries.shape[0] == self._keys.shape[0]:
+        if self._fused() and self._n:
             from kernels.page_scores import exact_page_scores
 
+            self._check_queries(queries)
             B, H, cap, D = self._keys.shape
             S = self._page_size
-            if queries.shape[-1] != D or queries.shape[1] % H:
-                raise ValueError(
-                    f"queries shape {tuple(queries.shape)} is not [B={B}, Hq (multiple of Hkv={H}), D={D}]")
             pool = self._keys.view(B, H, cap // S, S, D)  # pages of the whole capacity (empty ones score -inf)
             pscores = exact_page_scores(queries.to(self._keys.device, self._keys.dtype), pool, self._lens)
         else:
