@@ -237,7 +237,7 @@ def cmd_bench_decode(args) -> int:
         load_bench_model,
         plot_decode,
         print_table,
-        split_graphs,
+        split_variant,
         write_json,
     )
     from kvpolicy.eval.ablate import _git_sha, parse_length
@@ -245,7 +245,7 @@ def cmd_bench_decode(args) -> int:
 
     lengths = [parse_length(x) for x in args.length]
     for name in args.policy:
-        Policy.resolve_placed(split_graphs(name)[0], budget=args.budget)  # validate before loading the model
+        Policy.resolve_placed(split_variant(name)[0], budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
     cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,

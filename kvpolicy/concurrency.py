@@ -1,7 +1,13 @@
-"""Background jobs and CUDA-graph captures must not overlap.
+"""The background worker of the layer jobs, and the lock that keeps jobs and CUDA-graph captures apart.
 
-A layer's prefill build and page insertions run on a worker thread (``PolicyLayer._run_job``) while the decode
-path goes on; an index may capture a CUDA graph on the decode path (the DCI tree's search). PyTorch refuses
+``JobQueue``: one worker thread. A layer's prefill build and page insertions run there
+(``PolicyLayer._run_job``) while the decode path goes on. Jobs run first-in first-out, except ranked ones
+(``submit_ranked``): when the worker is free it takes an unranked job first, else the ranked job of highest rank
+at that moment. Deferred page insertions rank by how far the decode path is from needing them, so that the
+worker does not start the job of the very layer the decode path is about to reach (which would then wait for
+it, step after step).
+
+``capture_lock``: an index may capture a CUDA graph on the decode path (the DCI tree's search). PyTorch refuses
 host/device copies from pageable memory while a capture is under way, and such a copy from another thread can
 invalidate the capture. So a job holds ``capture_lock`` while it runs, and a capture holds it while capturing:
 captures are rare (once per table reallocation), so the decode path almost never waits on it. Re-entrant: a
@@ -10,8 +16,78 @@ job may itself capture (a selector that searches in ``prepare``).
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 
-__all__ = ["capture_lock"]
+__all__ = ["JobQueue", "capture_lock"]
 
 capture_lock = threading.RLock()
+
+
+class JobQueue(Executor):
+    """A single worker thread; FIFO for ``submit``, highest current rank for ``submit_ranked`` (module doc)."""
+
+    def __init__(self, name: str = "kvpolicy-jobs"):
+        self._name = name
+        self._cond = threading.Condition()
+        self._jobs: list[tuple[int, Callable[[], float] | None, Future, Callable, tuple]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        return self._put(None, fn, args, kwargs)
+
+    def submit_ranked(self, rank: Callable[[], float], fn, /, *args, **kwargs) -> Future:
+        """Queue ``fn(*args)``; ``rank()`` is read whenever the worker chooses its next job."""
+        return self._put(rank, fn, args, kwargs)
+
+    def _put(self, rank, fn, args, kwargs) -> Future:
+        fut: Future = Future()
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to a JobQueue after shutdown")
+            self._jobs.append((next(self._seq), rank, fut, fn, (args, kwargs)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return fut
+
+    def _take(self):
+        unranked = [j for j in self._jobs if j[1] is None]
+        if unranked:
+            job = min(unranked, key=lambda j: j[0])
+        else:
+            job = max(self._jobs, key=lambda j: (j[1](), -j[0]))
+        self._jobs.remove(job)
+        return job
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._shutdown:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                _, _, fut, fn, (args, kwargs) = self._take()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 (handed to whoever joins the job)
+                fut.set_exception(e)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._cond:
+            self._shutdown = True
+            if cancel_futures:
+                for job in self._jobs:
+                    job[2].cancel()
+                self._jobs.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if wait and thread is not None:
+            thread.join()

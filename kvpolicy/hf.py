@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kvpolicy.errors import UnsupportedModelError
-from kvpolicy.layer import PolicyLayer
+from kvpolicy.layer import DecodeCursor, PolicyLayer
 from kvpolicy.policy import Policy
 from kvpolicy.reference.mirror_index import MirrorIndex
 
@@ -99,12 +99,13 @@ _executor = None
 
 
 def _build_executor():
-    """The process-wide prefill-job worker: one thread, FIFO, so an anchor layer's build precedes its mirrors'."""
+    """The process-wide layer-job worker: one thread, FIFO (an anchor layer's build and insertions precede its
+    mirrors'); deferred insertions are ranked (``kvpolicy.concurrency.JobQueue``)."""
     global _executor
     if _executor is None:
-        from concurrent.futures import ThreadPoolExecutor
+        from kvpolicy.concurrency import JobQueue
 
-        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpolicy-build")
+        _executor = JobQueue("kvpolicy-build")
     return _executor
 
 
@@ -218,7 +219,10 @@ class KVPolicyCache(_get_dynamic_cache()):
     ``model.set_attn_implementation("kvpolicy")`` yourself). ``validate=True`` checks every Selection.
     ``overlap=True`` runs each layer's index build (and selector prepare) on a background worker while the next
     layers do their prefill, and each page insertion while the other layers decode; a layer's next step waits
-    for its job (``stats()['wait_s']``). ``overlap=False`` runs them inline.
+    for its job (``stats()['wait_s']``). ``overlap=False`` runs them inline. ``defer_insert=True`` (with
+    overlap, without layer reuse) lets an insertion run past the layer's next steps, its page attended from the
+    window meanwhile (see ``kvpolicy.layer``): insertions then hide behind decoding, but which steps select from
+    the index before the insertion depends on timing, so outputs are not reproducible at a limited budget.
     """
 
     def __init__(
@@ -229,6 +233,7 @@ class KVPolicyCache(_get_dynamic_cache()):
         budget: Any = ...,
         validate: bool = False,
         overlap: bool = True,
+        defer_insert: bool = False,
     ):
         config = getattr(model_or_config, "config", model_or_config)
         check_model_supported(config)
@@ -254,6 +259,18 @@ class KVPolicyCache(_get_dynamic_cache()):
                 state.index = MirrorIndex(self.layers[anchor].state)
             self.layers[i] = PolicyCacheLayer(state, self)
             self.policy_layers.append(i)
+        if defer_insert:
+            if any(isinstance(self.layers[i].state.index, MirrorIndex) for i in self.policy_layers):
+                raise ValueError(
+                    "defer_insert does not work with layer reuse: a following layer lays out its pages from its "
+                    "anchor's last insertion, so every insertion must be joined at the next step"
+                )
+            if not overlap:
+                raise ValueError("defer_insert needs overlap=True (insertions run on the background worker)")
+            cursor = DecodeCursor(n_layers)
+            for i in self.policy_layers:
+                self.layers[i].state.defer_insert = True
+                self.layers[i].state.cursor = cursor
         register_attention()
         if hasattr(model_or_config, "set_attn_implementation"):
             model_or_config.set_attn_implementation(ATTN_IMPLEMENTATION)

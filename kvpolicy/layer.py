@@ -12,6 +12,12 @@ index (``Index.build``) and to the CPU pool. Each decode step appends the new to
 pages (``Selector.select``), maps them to slots (``PageAllocator.reserve``), moves the missing ones
 (``Transfer.submit``/``wait``) and attends over [sink | slots | window] in one softmax. When the window holds
 ``window_pages`` full pages, its oldest page is inserted into the index (``Index.add``) and the CPU pool.
+
+Deferred insertion (``defer_insert``, with a background executor): the insertion job of a full window page
+need not be done by the layer's next step. Until it is joined the page stays in the window (which has one page
+of room for it) and is attended from there, so no token is ever missing, and the steps in between select from
+the index as it was. A per-layer lock keeps a job and a step from running at once, and CUDA events order their
+device work both ways; a step joins the job once it is done, or at the latest when the window is full.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -32,9 +39,21 @@ from kvpolicy.policy import Policy
 from kvpolicy.pool import PagePool
 from kvpolicy.types import PAD, SelectContext, Selection
 
-__all__ = ["GRAPHS_ENV", "LayerStats", "PolicyLayer"]
+__all__ = ["GRAPHS_ENV", "DecodeCursor", "LayerStats", "PolicyLayer"]
 
 GRAPHS_ENV = "KVPOLICY_DECODE_GRAPHS"  # "1": capture each layer's decode step in a CUDA graph where possible
+
+
+@dataclass
+class DecodeCursor:
+    """The layer the decode path of one cache is at (shared by its layers): deferred insertions are ranked by
+    how many layer steps remain before their layer is reached again (``JobQueue.submit_ranked``)."""
+
+    num_layers: int
+    layer: int = -1
+
+    def slack(self, layer: int) -> int:
+        return (layer - self.layer - 1) % self.num_layers
 
 
 @dataclass
@@ -56,6 +75,7 @@ class LayerStats:
     build_pool_s: float = 0.0  # of which the CPU pool write (device -> pinned host copy included)
     pool_alloc_s: float = 0.0  # of which allocating the layer's (pinned) CPU pool, sized after the build
     wait_s: float = 0.0  # time the decode path waited for a background job (prefill build or page insertion)
+    deferred_steps: int = 0  # steps that ran beside a queued insertion, its page attended from the window
 
     def as_dict(self) -> dict[str, float]:
         """The counters as numbers (counters that a transfer keeps on the device are read back here)."""
@@ -80,6 +100,12 @@ class PolicyLayer:
         # experimental: replay select + reserve + transfer + attention + release as one CUDA graph per layer when
         # the selector, allocator and transfer all offer a capture_key (_capture_key); env KVPOLICY_DECODE_GRAPHS=1
         self.cuda_graphs = os.environ.get(GRAPHS_ENV, "0").strip() == "1"
+        # let insertion jobs run past the next step (module docstring; KVPolicyCache(defer_insert=True)). Off by
+        # default: which steps run beside a queued insertion depends on thread timing, so outputs are only
+        # reproducible at an unlimited budget
+        self.defer_insert = False
+        self.cursor: DecodeCursor | None = None  # set by the cache: ranks deferred insertions
+        self._state_lock = threading.Lock()  # held by a running job, and by a step that runs beside a queued one
         self.stats = LayerStats()
         self.last_selection: Selection | None = None
         self.last_add_layout = None  # layout returned by the last Index.add (read by mirror layers)
@@ -87,6 +113,8 @@ class PolicyLayer:
 
     def _clear(self) -> None:
         self._job = self._job_inputs = None  # background job in flight (see _run_job)
+        self._transit = False  # the oldest window page is being inserted and is still attended from the window
+        self._step_done = None  # CUDA event after the device work of a step that ran beside a queued job
         self._stream = None  # CUDA stream of the layer's background jobs
         self.executor: Executor | None = None
         self.seq_len = 0
@@ -165,7 +193,7 @@ class PolicyLayer:
         self.device, self.dtype, self.shape = dev, keys.dtype, (B, H, D)
         self.sink_k = keys[:, :, :n_sink].contiguous()
         self.sink_v = values[:, :, :n_sink].contiguous()
-        W = self.budget.window_tokens
+        W = self.budget.window_tokens + (S if self._deferring(executor) else 0)  # room for a page in transit
         self.win_k = keys.new_zeros((B, H, W, D))
         self.win_v = values.new_zeros((B, H, W, D))
         self.win_len = rest - n_mid
@@ -187,8 +215,8 @@ class PolicyLayer:
         # sized after the build (semantic indexes make more pages than T/S), with room for decode-time pages
         P = int(layout.num_pages.max()) if layout.num_pages.numel() else 0
         self.cpu_pool = PagePool(B, H, S, D, dtype=mid_k.dtype, device="cpu", capacity=P + max(64, P // 8))
-        self.stats.pool_alloc_s += time.perf_counter() - t1
-        t1 = time.perf_counter()
+        ta = time.perf_counter()
+        self.stats.pool_alloc_s += ta - t1
         self.cpu_pool.write(layout, mid_k, mid_v, base=0)
         self._max_pages = P
         t2 = time.perf_counter()
@@ -197,11 +225,11 @@ class PolicyLayer:
         self.selector.prepare(mid_k, layout, ctx)
         st = self.stats
         st.build_s += time.perf_counter() - t0
-        st.build_index_s += t1 - t0
-        st.build_pool_s += t2 - t1
+        st.build_index_s += t1 - t0  # the index alone (the pool's allocation is pool_alloc_s)
+        st.build_pool_s += t2 - ta  # the pool write
 
     # ------------------------------------------------------------------ background jobs
-    def _run_job(self, fn, *args) -> None:
+    def _run_job(self, fn, *args, ranked: bool = False) -> None:
         """Run ``fn(*args)`` inline, or on ``self.executor`` (one worker thread, FIFO across layers) while the
         caller goes on. The job sees the caller's grad/inference mode; on CUDA it runs on the layer's own stream,
         ordered after the work already queued on the current stream. At most one job per layer is in flight:
@@ -218,20 +246,33 @@ class PolicyLayer:
             stream, ready = self._stream, torch.cuda.current_stream(self.device).record_event()
         modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())  # thread-local: carry them over
         self._job_inputs = args  # kept alive until the current stream has waited for the job
-        self._job = self.executor.submit(self._in_job, fn, args, stream, ready, modes)
+        self._step_done = None  # `ready` orders the job after everything queued so far
+        self._job_ran = False  # set by the job under the state lock (its future is marked done only later)
+        submit_ranked = getattr(self.executor, "submit_ranked", None)
+        if ranked and submit_ranked is not None and self.cursor is not None:
+            cursor, layer = self.cursor, self.layer_idx
+            self._job = submit_ranked(lambda: cursor.slack(layer), self._in_job, fn, args, stream, ready, modes)
+        else:
+            self._job = self.executor.submit(self._in_job, fn, args, stream, ready, modes)
 
-    @staticmethod
-    def _in_job(fn, args, stream, ready, modes) -> None:
+    def _in_job(self, fn, args, stream, ready, modes) -> None:
         inference, grad = modes
         with (
+            self._state_lock,  # first (then capture_lock, as on the decode path): a step beside it waits, or it
+            # waits for that step; the layer's state is never read and written at once
             torch.inference_mode(inference),
             torch.set_grad_enabled(grad),
             torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
         ):
             if ready is not None:
                 stream.wait_event(ready)
-            with capture_lock:  # never overlaps a CUDA-graph capture on the decode path
-                fn(*args)
+            if self._step_done is not None:  # after the device work of the steps that ran while this job waited
+                stream.wait_event(self._step_done)
+            try:
+                with capture_lock:  # never overlaps a CUDA-graph capture on the decode path
+                    fn(*args)
+            finally:
+                self._job_ran = True
 
     def wait_ready(self) -> None:
         """Join the layer's background job (re-raising its error) and order the current stream after it."""
@@ -246,6 +287,33 @@ class PolicyLayer:
                 torch.cuda.current_stream(self.device).wait_stream(self._stream)
             self._job_inputs = None
             self.stats.wait_s += time.perf_counter() - t0
+
+    def _deferring(self, executor: Executor | None) -> bool:
+        return self.defer_insert and executor is not None and self.index.supports_add
+
+    def _settle(self) -> bool:
+        """Before a step: join the layer's job, or leave a queued insertion queued (the page in transit stays in
+        the window). Returns True if this step holds the state lock (release it with ``_step_end``)."""
+        if not self._transit:
+            self.wait_ready()
+            return False
+        job = self._job
+        if job is not None and not job.done() and self.win_len < self.win_k.shape[2]:
+            if self._state_lock.acquire(blocking=False):
+                if not self._job_ran:  # the job has not started: it waits for this step
+                    self.stats.deferred_steps += 1
+                    return True
+                self._state_lock.release()  # it ran between done() and the lock
+        self.wait_ready()  # done, running, or no room left for this step's token
+        self._shift_window()
+        return False
+
+    def _step_end(self, locked: bool) -> None:
+        if not locked:
+            return
+        if self.device.type == "cuda":
+            self._step_done = torch.cuda.current_stream(self.device).record_event()
+        self._state_lock.release()
 
     def _num_slots_needed(self) -> int:
         if self.budget.retrieved_pages is not None:
@@ -291,12 +359,21 @@ class PolicyLayer:
         """One decode step: append, select, reserve, transfer, attend, maybe insert a full window page."""
         if not self.prefilled:
             raise RuntimeError(f"layer {self.layer_idx}: decode before prefill")
-        self.wait_ready()
         B, H, D = self.shape
         if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
             raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
         if key.shape != (B, H, 1, D) or value.shape != (B, H, 1, D):
             raise ValueError(f"key/value must be [B={B}, Hkv={H}, 1, D={D}], got {tuple(key.shape)}")
+        if self.cursor is not None:
+            self.cursor.layer = self.layer_idx
+        locked = self._settle()
+        try:
+            return self._decode(query, key, value, scaling, softcap, prev_selection)
+        finally:
+            self._step_end(locked)
+
+    def _decode(self, query, key, value, scaling, softcap, prev_selection) -> torch.Tensor:
+        B, H, _ = self.shape
         self._append(key, value)
         self.seq_len += 1
         st = self.stats
@@ -345,7 +422,7 @@ class PolicyLayer:
     def _end_step(self, sel: Selection, t3: float) -> None:
         """After the attention: keep the selection, move a full window page out (``insert_s``), count the step."""
         self.last_selection = sel
-        if self.win_len == self.win_k.shape[2]:
+        if self.win_len >= self.budget.window_tokens and not self._transit:
             self._flush_window_page()
         self.stats.insert_s += self._now() - t3
         self.step += 1
@@ -441,10 +518,19 @@ class PolicyLayer:
             )
         S = self.budget.page_size
         pk, pv = self.win_k[:, :, :S].clone(), self.win_v[:, :, :S].clone()  # [B, Hkv, S, D]
+        self._transit = True
+        deferred = self._deferring(self.executor)
+        self._run_job(self._insert, pk, pv, ranked=deferred)
+        if not deferred:
+            self._shift_window()
+
+    def _shift_window(self) -> None:
+        """Drop the oldest window page (its insertion has been joined)."""
+        S = self.budget.page_size
         self.win_k[:, :, :-S] = self.win_k[:, :, S:].clone()
         self.win_v[:, :, :-S] = self.win_v[:, :, S:].clone()
         self.win_len -= S
-        self._run_job(self._insert, pk, pv)
+        self._transit = False
 
     def _insert(self, pk: torch.Tensor, pv: torch.Tensor) -> None:
         t0 = time.perf_counter()

@@ -37,8 +37,27 @@ def test_bench_decode_rows(tiny):
         assert r["select_ms"] + r["transfer_ms"] + r["attention_ms"] <= r["breakdown_step_ms"]
     assert quest["pages_moved_per_step"] >= 0
     for r in (quest, stream):  # prefill jobs and insertions, summed over the policy layers
-        assert r["layers_build_s"] >= r["layers_build_index_s"] >= 0 and r["layers_wait_s"] >= 0
+        assert r["layers_build_s"] >= r["layers_build_index_s"] + r["layers_pool_alloc_s"] + r["layers_build_pool_s"]
+        assert r["layers_build_index_s"] >= 0 and r["layers_wait_s"] >= 0
     assert quest["pages_inserted"] >= 0 and "layers_build_s" not in dense
+
+
+def test_variant_suffixes():
+    from kvpolicy.bench.decode import split_variant
+
+    assert split_variant("icecache@cuda:uva+graphs+defer") == ("icecache@cuda:uva", True, True)
+    assert split_variant("icecache+defer+graphs") == ("icecache", True, True)
+    assert split_variant("quest+defer") == ("quest", False, True)
+    assert split_variant("quest") == ("quest", False, False)
+
+
+def test_bench_decode_deferred_insertion(tiny):
+    # 40 steps past a 512-token prompt: every policy layer inserts pages, deferred behind the next steps
+    cfg = DecodeBenchConfig(policies=["exact-topk+defer"], budget=64, lengths=[512], steps=40, breakdown_steps=0,
+                            dense=False)
+    (row,) = bench_decode(tiny, cfg, progress=False)
+    assert "error" not in row, row.get("error")
+    assert row["pages_inserted"] > 0 and "deferred_steps" in row
 
 
 def test_bench_decode_cli_json_and_plot(tmp_path, capsys):

@@ -183,3 +183,45 @@ def test_exact_index_fused_search_matches_the_torch_scores(dtype):
         same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got.flatten(0, 1), ref.flatten(0, 1)))
         assert same >= 0.98 * ref.numel()  # float32 sums in another order may swap near-equal pages
 
+
+
+@pytest.mark.parametrize("preset", ["exact-topk", "icecache"])
+def test_deferred_insertion_on_cuda_attends_every_token_once(preset):
+    """Insertions deferred past the next steps (own stream, events both ways, the page attended from the window
+    meanwhile): at an unlimited budget the tokens are dense decoding's, with the lazy and the real worker."""
+    from kvpolicy.policy import Policy
+    from tests.test_prefill_job import _deferred_generate, _LazyExecutor
+
+    model = tiny_model("llama", layers=6).cuda()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(8)).cuda()
+    dense = model.generate(ids, max_new_tokens=40, do_sample=False)[:, 300:]
+    pol = Policy.from_config({**Policy.preset(preset, budget=None).to_config(), "dense_layers": [0]})
+    for executor, slow in ((_LazyExecutor(), 0.0), (None, 0.005)):
+        out, st = _deferred_generate(model, ids, pol, 40, executor=executor, slow_add_s=slow)
+        assert torch.equal(out, dense)
+        assert st["pages_inserted"] == st["layers"] * 2 and st["deferred_steps"] > 0
+
+
+def test_deferred_insertion_with_captured_steps_on_cuda():
+    """Captured steps beside queued insertions: every page still reaches the index, and greedy decoding stays
+    close to the eager cache's (the steps that select before an insertion lands differ by timing)."""
+    from kvpolicy.policy import Policy
+    from tests.test_prefill_job import _deferred_generate
+
+    model = tiny_model("llama", layers=6).cuda()
+    ids = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(9)).cuda()
+    base = Policy.resolve_placed("icecache@cuda:uva", budget=128)
+    pol = Policy.from_config({**base.to_config(), "dense_layers": [0]})
+    ref = KVPolicyCache(model, pol)
+    with torch.inference_mode():
+        model.generate(ids, past_key_values=ref, max_new_tokens=48, do_sample=False)
+    model.set_attn_implementation("sdpa")
+    import os
+
+    os.environ["KVPOLICY_DECODE_GRAPHS"] = "1"
+    try:
+        out, st = _deferred_generate(model, ids, pol, 48, slow_add_s=0.002)
+    finally:
+        os.environ.pop("KVPOLICY_DECODE_GRAPHS")
+    assert out.shape == (1, 48)
+    assert st["pages_inserted"] == ref.stats()["pages_inserted"] > 0 and st["deferred_steps"] > 0

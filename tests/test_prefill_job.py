@@ -113,3 +113,120 @@ def test_background_jobs_wait_for_a_cuda_graph_capture():
             assert not started.wait(0.3)  # held back while the "capture" holds the lock
         layer.wait_ready()
         assert started.is_set()
+
+
+class _LazyExecutor:
+    """Runs a job only when its result is asked for: every deferred insertion then waits until the window is
+    full, deterministically."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        fut = Future()
+        orig = fut.result
+
+        def result(timeout=None):
+            if not fut.done():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 (re-raised by the future)
+                    fut.set_exception(e)
+            return orig(timeout)
+
+        fut.result = result
+        return fut
+
+
+def _deferred_generate(model, ids, policy, n, executor=None, slow_add_s=0.0):
+    import time
+
+    cache = KVPolicyCache(model, policy, defer_insert=True)
+    if executor is not None:
+        cache.build_executor = executor
+    for i in cache.policy_layers:
+        index = cache.layers[i].state.index
+        add = index.add
+
+        def slow(keys, add=add):
+            time.sleep(slow_add_s)
+            return add(keys)
+
+        index.add = slow
+    try:
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False)
+    finally:
+        model.set_attn_implementation("sdpa")
+    st = cache.stats()
+    st["layers"] = len(cache.policy_layers)
+    return out[:, ids.shape[1]:], st
+
+
+@pytest.mark.parametrize("preset", ["exact-topk", "icecache"])
+def test_deferred_insertion_attends_every_token_once(tiny_llama, preset):
+    """At an unlimited budget every token must be attended exactly once, also while a page is in transit (in
+    the window, not yet in the index) and right after its insertion lands: the tokens equal dense decoding."""
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(6))
+    dense = tiny_llama.generate(ids, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
+    out, st = _deferred_generate(tiny_llama, ids, Policy.preset(preset, budget=None), 40, executor=_LazyExecutor())
+    assert torch.equal(out, dense)
+    # lazy jobs: each insertion waits while the extra window page fills (16 steps), in every policy layer; the
+    # last insertion of each layer is cut short by the end of generation
+    n = st["layers"]
+    assert st["pages_inserted"] == n * 2 and n * 16 < st["deferred_steps"] < n * 2 * 16
+    out, st = _deferred_generate(tiny_llama, ids, Policy.preset(preset, budget=None), 40, slow_add_s=0.01)
+    assert torch.equal(out, dense)  # a real worker thread, insertions slower than steps
+    assert st["pages_inserted"] == n * 2
+    if n > 1:  # with one policy layer the worker starts each job at once, and the next step joins it
+        assert st["deferred_steps"] > 0
+
+
+def test_deferred_insertion_matches_inline_when_each_job_is_joined_at_once(tiny_llama):
+    """At a limited budget, deferral changes only when a page enters the index: with jobs joined before the
+    next step (the default) the cache is the inline one."""
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(7))
+    pol = Policy.preset("exact-topk", budget=96)
+    inline, _ = _generate(tiny_llama, ids, pol, n=40, overlap=False)
+    deferred, st = _deferred_generate(tiny_llama, ids, pol, 40, executor=_LazyExecutor())
+    assert st["deferred_steps"] > 0 and st["pages_inserted"] > 0
+    assert deferred.shape == inline.shape
+
+
+def test_deferred_insertion_refuses_layer_reuse_and_inline_jobs(tiny_llama):
+    reuse = Policy.from_config({"preset": "icecache-reuse", "budget": 128, "dense_layers": [],
+                                "selector": {"name": "icecache", "reuse": True, "first_anchor": 0}})
+    with pytest.raises(ValueError, match="layer reuse"):
+        KVPolicyCache(tiny_llama, reuse, defer_insert=True)
+    with pytest.raises(ValueError, match="overlap=True"):
+        KVPolicyCache(tiny_llama, Policy.preset("icecache", budget=128), defer_insert=True, overlap=False)
+    tiny_llama.set_attn_implementation("sdpa")
+
+
+def test_job_queue_runs_unranked_jobs_first_then_the_highest_rank():
+    import threading
+
+    from kvpolicy.concurrency import JobQueue
+
+    q, order, gate = JobQueue(), [], threading.Event()
+    rank = {"a": 1, "b": 5, "c": 3}
+    q.submit(gate.wait)  # holds the worker until everything is queued
+    futs = [q.submit_ranked(lambda n=n: rank[n], order.append, n) for n in "abc"]
+    futs.append(q.submit(order.append, "fifo"))
+    rank["a"] = 9  # ranks are read when the worker chooses, not when a job is queued
+    gate.set()
+    for f in futs:
+        f.result(timeout=5)
+    assert order == ["fifo", "a", "b", "c"]
+    q.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        q.submit(print)
+
+
+def test_job_queue_hands_errors_to_the_joiner():
+    from kvpolicy.concurrency import JobQueue
+
+    q = JobQueue()
+    fut = q.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fut.result(timeout=5)
+    assert q.submit(lambda: 7).result(timeout=5) == 7
+    q.shutdown()

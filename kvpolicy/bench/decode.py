@@ -93,17 +93,24 @@ def _sync(dev: torch.device) -> None:
 
 
 GRAPHS_SUFFIX = "+graphs"
+DEFER_SUFFIX = "+defer"
 
 
 DENSE_GRAPHS = "dense+graphs"
 
 
-def split_graphs(variant: str) -> tuple[str, bool]:
-    """``"icecache@cuda:uva+graphs"`` -> ``("icecache@cuda:uva", True)``: the suffix turns on the experimental
-    per-layer CUDA-graph decode step (``PolicyLayer.cuda_graphs``) for that variant only."""
-    if variant.endswith(GRAPHS_SUFFIX):
-        return variant[: -len(GRAPHS_SUFFIX)], True
-    return variant, False
+def split_variant(variant: str) -> tuple[str, bool, bool]:
+    """``"icecache@cuda:uva+graphs+defer"`` -> ``("icecache@cuda:uva", True, True)``. ``+graphs`` turns on the
+    experimental per-layer CUDA-graph decode step (``PolicyLayer.cuda_graphs``), ``+defer`` deferred page
+    insertion (``KVPolicyCache(defer_insert=True)``), for that variant only; in any order."""
+    flags = {GRAPHS_SUFFIX: False, DEFER_SUFFIX: False}
+    spec, found = variant, True
+    while found:
+        found = False
+        for suffix in flags:
+            if spec.endswith(suffix):
+                spec, flags[suffix], found = spec[: -len(suffix)], True, True
+    return spec, flags[GRAPHS_SUFFIX], flags[DEFER_SUFFIX]
 
 
 def _policy_layers(cache) -> list:
@@ -181,6 +188,7 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
         for k in ("build_s", "build_index_s", "build_pool_s", "pool_alloc_s", "insert_work_s", "wait_s"):
             row[f"layers_{k}"] = sum(st[k] for st in stats)
         row["pages_inserted"] = sum(st["pages_inserted"] for st in stats)
+        row["deferred_steps"] = sum(st["deferred_steps"] for st in stats)
     mem = _kv_bytes(cache)
     tot = mem["device_kv"] + mem["cpu_kv"]
     row.update({"device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"], "index_bytes": mem["index"],
@@ -247,7 +255,12 @@ def _run_dense_static(model, ids: torch.Tensor, cfg: DecodeBenchConfig, capture:
             "device_kv_fraction": 1.0}
 
 
-def _sdpa(backend: str | None):
+# The static cache attends through a mask, which flash attention does not take: a masked call goes to the
+# efficient kernel. Transformers passes no mask (and GQA to SDPA) where it can skip one, which only flash takes.
+_STATIC_BACKENDS = {"flash": ("flash", "efficient")}
+
+
+def _sdpa(backend: str | tuple[str, ...] | None):
     """Pin SDPA to one backend for prefill and every dense attention (the dense baseline and dense layers).
     torch's own choice can pick cuDNN attention, which plans anew for every new KV length during decoding."""
     import contextlib
@@ -258,9 +271,11 @@ def _sdpa(backend: str | None):
 
     names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    if backend not in names:
-        raise ValueError(f"unknown SDPA backend {backend!r}; choose one of {', '.join(names)}")
-    return sdpa_kernel(names[backend])
+    chosen = (backend,) if isinstance(backend, str) else tuple(backend)
+    for b in chosen:
+        if b not in names:
+            raise ValueError(f"unknown SDPA backend {b!r}; choose one of {', '.join(names)}")
+    return sdpa_kernel([names[b] for b in chosen])
 
 
 @torch.inference_mode()
@@ -291,7 +306,7 @@ def bench_decode(
     dev = model.device
     pols = {}
     for name in cfg.policies:  # resolve everything before the first prefill: bad names fail fast
-        spec, _ = split_graphs(name)  # "...+graphs": capture each layer's decode step (PolicyLayer.cuda_graphs)
+        spec = split_variant(name)[0]  # "...+graphs", "...+defer": see split_variant
         preset, idx_dev, transfer = split_placement(spec)  # "icecache@cuda:uva": index on the GPU, uva transfer
         pol = Policy.resolve(preset, budget=cfg.budget).placed(idx_dev or cfg.index_device, transfer)
         pols[name] = pol
@@ -321,15 +336,15 @@ def bench_decode(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
-        cache = DynamicCache(config=model.config) if pol is None else KVPolicyCache(model, pol)
-        graphs = split_graphs(vname)[1]
+        _, graphs, defer = split_variant(vname)
+        cache = DynamicCache(config=model.config) if pol is None else KVPolicyCache(model, pol, defer_insert=defer)
         for la in _policy_layers(cache):
             la.cuda_graphs = graphs
         try:
             if vname == DENSE_GRAPHS:
                 if dev.type != "cuda":
                     raise RuntimeError("the captured dense baseline needs a CUDA device")
-                with _sdpa("efficient" if cfg.sdpa_backend == "flash" else cfg.sdpa_backend):  # masks: no flash
+                with _sdpa(_STATIC_BACKENDS.get(cfg.sdpa_backend, cfg.sdpa_backend)):
                     row.update(_run_dense_static(model, ids, cfg, capture=True))
             else:
                 with _sdpa(cfg.sdpa_backend):
