@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kvpolicy.host_memory import pinned_empty
 from kvpolicy.types import PAD, PageLayout
 
 __all__ = ["PagePool", "pin_by_default"]
@@ -23,6 +24,8 @@ def pin_by_default(device: torch.device | str) -> bool:
 
 
 def _empty(shape, dtype, device, pin: bool, fill=None) -> torch.Tensor:
+    if pin and fill is None:  # the big K/V stores: page-locked in place (kvpolicy.host_memory)
+        return pinned_empty(shape, dtype)
     t = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
     if fill is not None:
         t.fill_(fill)

@@ -225,3 +225,37 @@ def test_deferred_insertion_with_captured_steps_on_cuda():
         os.environ.pop("KVPOLICY_DECODE_GRAPHS")
     assert out.shape == (1, 48)
     assert st["pages_inserted"] == ref.stats()["pages_inserted"] > 0 and st["deferred_steps"] > 0
+
+
+def test_registered_host_memory_is_pinned_and_reaches_the_gpu():
+    """``pinned_empty`` page-locks ordinary memory in place (cudaHostRegister): pinned, copied asynchronously,
+    read by a Triton kernel through its host address, and unregistered when the last view is gone."""
+    import gc
+
+    from kernels.page_load import load_pages
+    from kvpolicy.host_memory import pinned_empty
+    from kvpolicy.pool import PagePool
+    from kvpolicy.types import PAD
+
+    t = pinned_empty((3, 1000, 64), torch.bfloat16)
+    assert t.is_pinned() and t.shape == (3, 1000, 64) and t.dtype == torch.bfloat16
+    t.copy_(torch.randn(3, 1000, 64).to(torch.bfloat16))
+    d = t.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(d.cpu(), t)
+    # a tracked (index-backing) pool now sits in registered memory: the UVA page loader reads it directly
+    src = PagePool(1, 2, 16, 64, dtype=torch.bfloat16, capacity=6)
+    assert src.k.is_pinned() and src.v.is_pinned()
+    src.k.copy_(torch.randn(src.k.shape).to(torch.bfloat16))
+    src.v.copy_(torch.randn(src.v.shape).to(torch.bfloat16))
+    src.lengths.fill_(16)
+    dst = PagePool(1, 2, 16, 64, dtype=torch.bfloat16, device="cuda", capacity=3, pin=False, track_tokens=False)
+    ids = torch.tensor([[[5, 0, PAD], [2, 3, 4]]], device="cuda")
+    slots = torch.tensor([[[0, 2, PAD], [1, 0, 2]]], device="cuda")
+    load_pages(src.k, src.v, src.lengths, ids, slots, dst.k, dst.v, dst.lengths)
+    torch.cuda.synchronize()
+    assert torch.equal(dst.k[0, 0, 0].cpu(), src.k[0, 0, 5]) and torch.equal(dst.v[0, 1, 2].cpu(), src.v[0, 1, 4])
+    del t, d, src
+    gc.collect()
+    again = pinned_empty((1 << 20,), torch.uint8)  # registration after unregistration works
+    assert again.is_pinned()

@@ -48,3 +48,13 @@ def test_written_pages_hide_what_the_memory_held():
 def test_slot_pools_start_zeroed():
     pool = PagePool(1, 2, 4, 3, dtype=torch.float32, capacity=3, pin=False, track_tokens=False)
     assert pool.k.abs().sum() == 0 and pool.v.abs().sum() == 0
+
+
+def test_pin_mode_is_checked(monkeypatch):
+    import pytest
+
+    from kvpolicy.host_memory import PIN_ENV, pinned_empty
+
+    monkeypatch.setenv(PIN_ENV, "mlock")
+    with pytest.raises(ValueError, match="'register' or 'alloc'"):
+        pinned_empty((4,), torch.float32)
