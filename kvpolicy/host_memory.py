@@ -5,11 +5,13 @@
 Llama-3.1-8B shape allocates 30 such pools: ~14 s of the time to the second token. Allocating ordinary memory
 and page-locking it in place with ``cudaHostRegister`` took 0.03 s for the same 537 MB (after a 0.03 s fill).
 
-``pinned_empty`` does the latter: a numpy buffer owns the memory, the registration lives exactly as long as that
-buffer (it ends when the last tensor viewing it is gone), and the tensor reports ``is_pinned()``. The memory is
-registered as mapped and portable, so kernels may read it through its host address (unified addressing), as
-they read ``cudaHostAlloc`` memory. ``KVPOLICY_PIN=alloc`` (or a failed registration) falls back to
-``cudaHostAlloc``.
+With ``KVPOLICY_PIN=register``, ``pinned_empty`` does the latter: a numpy buffer owns the memory, the
+registration lives exactly as long as that buffer (it ends when the last tensor viewing it is gone), and the
+tensor reports ``is_pinned()``. The memory is registered as mapped and portable, so kernels may read it through
+its host address (unified addressing), as they read ``cudaHostAlloc`` memory; a failed registration falls back
+to ``cudaHostAlloc``. **Opt-in and not yet run on a GPU**: its CUDA test
+(``test_registered_host_memory_is_pinned_and_reaches_the_gpu``) is written, the device time ran out before it
+ran. The default, ``KVPOLICY_PIN=alloc``, is ``cudaHostAlloc``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 __all__ = ["PIN_ENV", "pinned_empty"]
 
-PIN_ENV = "KVPOLICY_PIN"  # "register" (default) or "alloc"
+PIN_ENV = "KVPOLICY_PIN"  # "alloc" (default: cudaHostAlloc) or "register" (cudaHostRegister in place)
 _PORTABLE_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 
@@ -56,7 +58,7 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     for s in shape:
         n *= int(s)
     nbytes = n * torch.empty((), dtype=dtype).element_size()
-    mode = os.environ.get(PIN_ENV, "register").strip()
+    mode = os.environ.get(PIN_ENV, "alloc").strip()
     if mode not in ("register", "alloc"):
         raise ValueError(f"{PIN_ENV} must be 'register' or 'alloc', got {mode!r}")
     if mode == "register" and nbytes:

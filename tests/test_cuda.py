@@ -227,10 +227,14 @@ def test_deferred_insertion_with_captured_steps_on_cuda():
     assert st["pages_inserted"] == ref.stats()["pages_inserted"] > 0 and st["deferred_steps"] > 0
 
 
-def test_registered_host_memory_is_pinned_and_reaches_the_gpu():
+def test_registered_host_memory_is_pinned_and_reaches_the_gpu(monkeypatch):
     """``pinned_empty`` page-locks ordinary memory in place (cudaHostRegister): pinned, copied asynchronously,
     read by a Triton kernel through its host address, and unregistered when the last view is gone."""
     import gc
+
+    from kvpolicy.host_memory import PIN_ENV
+
+    monkeypatch.setenv(PIN_ENV, "register")
 
     from kernels.page_load import load_pages
     from kvpolicy.host_memory import pinned_empty
