@@ -103,9 +103,12 @@ def _build_executor():
     mirrors'); deferred insertions are ranked (``kvpolicy.concurrency.JobQueue``)."""
     global _executor
     if _executor is None:
+        import atexit
+
         from kvpolicy.concurrency import JobQueue
 
         _executor = JobQueue("kvpolicy-build")
+        atexit.register(_executor.shutdown)  # let a running job finish (the worker is a daemon thread)
     return _executor
 
 
