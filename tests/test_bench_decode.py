@@ -108,3 +108,23 @@ def test_static_dense_baseline_decodes_what_the_dynamic_cache_decodes(tiny):
                                                 breakdown_steps=0, dense_graphs=True), progress=False)
     assert [r["variant"] for r in rows] == ["dense", "dense+graphs", "streaming"]
     assert "CUDA" in rows[1]["error"] and "error" not in rows[2]
+
+
+def test_policy_warmup_runs_each_variant_untimed_first(tiny, monkeypatch):
+    import kvpolicy.bench.decode as bd
+
+    seen = []
+    real = bd._run_variant
+
+    def spy(model, ids, cache, cfg):
+        seen.append((ids.shape[1], cfg.steps))
+        return real(model, ids, cache, cfg)
+
+    monkeypatch.setattr(bd, "_run_variant", spy)
+    cfg = DecodeBenchConfig(policies=["quest"], budget=64, lengths=[512], steps=3, breakdown_steps=0, dense=False)
+    bench_decode(tiny, cfg, progress=False)
+    assert seen == [(512, 16 + 4), (512, 3)]  # the warm-up passes a window flush, then the timed run
+    seen.clear()
+    bench_decode(tiny, DecodeBenchConfig(policies=["quest"], budget=64, lengths=[512], steps=3, breakdown_steps=0,
+                                         dense=False, policy_warmup=False), progress=False)
+    assert seen == [(512, 3)]
