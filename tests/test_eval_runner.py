@@ -129,3 +129,12 @@ def test_fidelity_rows_and_report(model, tok, tmp_path):
     assert run_eval(model, tok, out=out, **kw) == []  # resumed: nothing left
     md = markdown_report(read_rows(out))
     assert "Attention fidelity" in md and "| tiny | 600 | quest | 64 |" in md
+
+
+def test_progress_goes_to_a_log_one_line_per_row(model, tok, tmp_path, capsys):
+    # not a terminal (pytest captures stdout): rich shows no live bar, so each finished row prints a line
+    kw = {**KW, "progress": True, "samples": 1, "policies": ["full", "quest"]}
+    rows = run_eval(model, tok, out=tmp_path / "r.jsonl", **kw)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+    assert len(lines) == len(rows) == 2
+    assert lines[-1].startswith("[2/2] niah_single_1 600 sample 0 quest @ 64: ")

@@ -232,6 +232,10 @@ def run_eval(
                 f.flush()
                 written.append(row)
                 bar.advance(t_all)
+                if progress and not bar.console.is_terminal:  # a log, not a live bar: one line per row
+                    done_n = int(bar.tasks[0].completed)
+                    bar.console.print(f"[{done_n}/{len(units) * len(jobs)}] {task} {L} sample {i} {j.label} @ "
+                                      f"{j.budget or 'all'}: {100 * row['score']:.0f} ({row['seconds']:.1f} s)")
         if fidelity:
             from kvpolicy.eval.fidelity import fidelity_rows
 
