@@ -230,3 +230,22 @@ def test_job_queue_hands_errors_to_the_joiner():
         fut.result(timeout=5)
     assert q.submit(lambda: 7).result(timeout=5) == 7
     q.shutdown()
+
+
+def test_a_failing_deferred_insertion_surfaces_at_its_join(tiny_llama):
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(10))
+    cache = KVPolicyCache(tiny_llama, Policy.preset("exact-topk", budget=None), defer_insert=True)
+    cache.build_executor = _LazyExecutor()
+
+    def fail(keys):
+        raise FloatingPointError("insertion failed on purpose")
+
+    for i in cache.policy_layers:
+        cache.layers[i].state.index.add = fail
+    try:
+        with pytest.raises(FloatingPointError, match="on purpose"):
+            tiny_llama.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False)
+    finally:
+        tiny_llama.set_attn_implementation("sdpa")
+    st = cache.layers[cache.policy_layers[0]].state
+    assert st.stats.deferred_steps > 0  # the failure waited, deferred, until the window was full
