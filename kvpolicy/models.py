@@ -17,6 +17,7 @@ Nothing is ever downloaded from the model hub.  ``KVPOLICY_CACHE`` defaults to
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -27,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -558,6 +560,49 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 # public entry points
 
 
+@functools.cache
+def cpu_matmul_slowdown(dtype: torch.dtype, n: int = 512) -> float:
+    """How many times slower an ``n``-cube matrix product runs in ``dtype`` than in float32 on this CPU (best
+    of 2 after a warm-up). Without native support, half-precision products fall back to slow paths: on the
+    2-core AVX2 CI machine bfloat16 ran 137x slower at n = 512 and ~160x at a 1.5B model's shapes (0.9 against
+    140 GFLOPS), but only 1.6x at n = 256, so the probe must not be smaller."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def t(x, y) -> float:
+        x @ y  # first call: any lazy set-up
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return t(a.to(dtype), b.to(dtype)) / max(t(a, b), 1e-9)
+
+
+def _half_dtypes() -> tuple:
+    import torch
+
+    return (torch.bfloat16, torch.float16)
+
+
+def _warn_slow_cpu_dtype(dtype: torch.dtype) -> None:
+    import torch
+
+    ratio = cpu_matmul_slowdown(dtype)
+    if ratio > 4:
+        name = str(dtype).removeprefix("torch.")
+        warnings.warn(
+            f"{name} matrix products run {ratio:.0f}x slower than float32 on this CPU "
+            f"({torch.backends.cpu.get_cpu_capability()}, no native {name} support); load with dtype float32 "
+            "(--dtype float32) unless you need the rounding",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def load(
     name_or_path: str | os.PathLike[str],
     *,
@@ -614,6 +659,8 @@ def load(
             source, src_path = "gguf-direct", gguf
     if str(device) != "cpu":
         model = model.to(device)
+    elif torch_dtype in _half_dtypes():
+        _warn_slow_cpu_dtype(torch_dtype)
     model.kvpolicy_info = LoadInfo(
         source=source, path=src_path, alias=alias, gguf=gguf, seconds=time.perf_counter() - t0
     )

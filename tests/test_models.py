@@ -182,3 +182,20 @@ def test_smollm2_real_load_generate_and_cache():
     assert again.kvpolicy_info.source == "cache" and again.kvpolicy_info.path == cached
     assert again.kvpolicy_info.seconds < 10 and next(again.parameters()).dtype == torch.bfloat16
     assert tok2.chat_template and tok2("Paris").input_ids == tok("Paris").input_ids
+
+
+def test_half_precision_on_a_slow_cpu_warns(monkeypatch):
+    import torch
+
+    import kvpolicy.models as m
+
+    monkeypatch.setattr(m, "cpu_matmul_slowdown", lambda dtype: 150.0)
+    with pytest.warns(RuntimeWarning, match="150x slower than float32"):
+        m._warn_slow_cpu_dtype(torch.bfloat16)
+    monkeypatch.setattr(m, "cpu_matmul_slowdown", lambda dtype: 1.5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m._warn_slow_cpu_dtype(torch.bfloat16)  # a CPU with native support: silent
+
