@@ -74,6 +74,7 @@ def test_rows_resume_and_determinism(model, tok, tmp_path):
         assert set(REQUIRED_KEYS) <= set(r) and r["n"] == 1 and 0.0 <= r["score"] <= 1.0
         assert r["policy_config"]["selector"]["name"] in ("full", "quest", "snapkv")
         assert r["cpu_kv_bytes"] > 0 or r["policy"] == "full"
+        assert r["dtype"] == "float32" and r["device"] == "cpu"
     hidden = [r for r in rows if r["policy"] == "snapkv-qhidden"]
     assert all(r["question_hidden"] and r["policy_config"]["selector"]["obs_offset"] > 0 for r in hidden)
     # resumption: nothing left to do; a torn last line is redone, and only it

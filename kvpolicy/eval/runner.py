@@ -227,6 +227,7 @@ def run_eval(
                     "device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"],
                     "index_bytes": mem["index"], "policy_config": _policy_for(j, sample).to_config(),
                     "question_hidden": j.hide_question, "git_sha": sha, "device": str(model.device),
+                    "dtype": str(model.dtype).removeprefix("torch."),
                 }
                 f.write(json.dumps(row) + "\n")
                 f.flush()
