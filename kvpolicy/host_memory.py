@@ -16,6 +16,7 @@ ran. The default, ``KVPOLICY_PIN=alloc``, is ``cudaHostAlloc``.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -54,10 +55,7 @@ def _registered(nbytes: int) -> torch.Tensor | None:
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised page-locked CPU tensor (see the module docstring)."""
-    n = 1
-    for s in shape:
-        n *= int(s)
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     mode = os.environ.get(PIN_ENV, "alloc").strip()
     if mode not in ("register", "alloc"):
         raise ValueError(f"{PIN_ENV} must be 'register' or 'alloc', got {mode!r}")

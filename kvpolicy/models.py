@@ -582,15 +582,12 @@ def cpu_matmul_slowdown(dtype: torch.dtype, n: int = 512) -> float:
     return t(a.to(dtype), b.to(dtype)) / max(t(a, b), 1e-9)
 
 
-def _half_dtypes() -> tuple:
-    import torch
-
-    return (torch.bfloat16, torch.float16)
-
-
 def _warn_slow_cpu_dtype(dtype: torch.dtype) -> None:
+    """Warn when ``dtype`` is a half-precision type that this CPU runs much slower than float32."""
     import torch
 
+    if dtype not in (torch.bfloat16, torch.float16):
+        return
     ratio = cpu_matmul_slowdown(dtype)
     if ratio > 4:
         name = str(dtype).removeprefix("torch.")
@@ -659,7 +656,7 @@ def load(
             source, src_path = "gguf-direct", gguf
     if str(device) != "cpu":
         model = model.to(device)
-    elif torch_dtype in _half_dtypes():
+    else:
         _warn_slow_cpu_dtype(torch_dtype)
     model.kvpolicy_info = LoadInfo(
         source=source, path=src_path, alias=alias, gguf=gguf, seconds=time.perf_counter() - t0

@@ -295,21 +295,27 @@ def _warmup(model) -> None:
     _sync(model.device)
 
 
+def _policy_cache(model, vname: str, pol):
+    """The cache of one policy variant, with its ``+graphs``/``+defer`` flags applied."""
+    from kvpolicy.hf import KVPolicyCache
+
+    _, graphs, defer = split_variant(vname)
+    cache = KVPolicyCache(model, pol, defer_insert=defer)
+    for la in _policy_layers(cache):
+        la.cuda_graphs = graphs
+    return cache
+
+
 def _warmup_policy(model, vname: str, pol, cfg: DecodeBenchConfig) -> None:
     """One short run of a policy variant past a window flush, untimed: Triton kernels compile (and CUDA graphs
     capture) for the first time here, not in the first timed row (on the H100 the first policy row at 8k had
     taken 6.6 s to the second token against 2.1 s for the next variant). A failure here is left to the timed
     run, which records it."""
-    from kvpolicy.hf import KVPolicyCache
-
     n = min(min(cfg.lengths), 4096)
     if n <= (cfg.budget or 0):
         return
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(2))
-    _, graphs, defer = split_variant(vname)
-    cache = KVPolicyCache(model, pol, defer_insert=defer)
-    for la in _policy_layers(cache):
-        la.cuda_graphs = graphs
+    cache = _policy_cache(model, vname, pol)
     try:
         short = dataclasses.replace(cfg, steps=pol.page_size + 4, breakdown_steps=min(1, cfg.breakdown_steps))
         _run_variant(model, ids.to(model.device), cache, short)
@@ -330,7 +336,6 @@ def bench_decode(
     ``on_row(rows)`` is called after each run with the rows so far (to save partial results)."""
     from transformers import DynamicCache
 
-    from kvpolicy.hf import KVPolicyCache
     from kvpolicy.policy import Policy, split_placement
 
     dev = model.device
@@ -369,10 +374,7 @@ def bench_decode(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
-        _, graphs, defer = split_variant(vname)
-        cache = DynamicCache(config=model.config) if pol is None else KVPolicyCache(model, pol, defer_insert=defer)
-        for la in _policy_layers(cache):
-            la.cuda_graphs = graphs
+        cache = DynamicCache(config=model.config) if pol is None else _policy_cache(model, vname, pol)
         try:
             if vname == DENSE_GRAPHS:
                 if dev.type != "cuda":
