@@ -100,3 +100,12 @@ def test_rows_for_several_selectors_and_variants(tiny_llama):
     with pytest.raises(ValueError, match="reuses another layer"):
         ablation_rows(tiny_llama, _Tok(), indexes=["exact"], selector="omnikv", budgets=[64], lengths=[300],
                       selector_args={"omnikv": {"filter_layers": (0,)}}, n_queries=2, layers=[2], progress=False)
+
+
+def test_git_sha_can_be_named_by_the_environment(monkeypatch):
+    from kvpolicy.eval.ablate import _git_sha
+
+    monkeypatch.setenv("KVPOLICY_GIT_SHA", "abc1234")
+    assert _git_sha() == "abc1234"
+    monkeypatch.setenv("KVPOLICY_GIT_SHA", "  ")
+    assert _git_sha() != "  "  # blank: read from git (or None outside a checkout)

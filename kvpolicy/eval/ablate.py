@@ -22,6 +22,7 @@ Per query (each number averaged over queries, then layers):
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -60,6 +61,10 @@ def _sync(dev: torch.device) -> None:
 
 
 def _git_sha() -> str | None:
+    """The commit the rows come from: ``$KVPOLICY_GIT_SHA`` if set (a copied working tree may carry stale git
+    metadata, as the lent GPU machine's did), else ``git rev-parse``."""
+    if sha := os.environ.get("KVPOLICY_GIT_SHA", "").strip():
+        return sha
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
