@@ -2,12 +2,19 @@
 # Time to second token with the two ways of page-locking the CPU pools (kvpolicy/host_memory.py), each in its own
 # process (torch caches cudaHostAlloc blocks within one). Carry .whl; installs the wheels into /tmp/site for the
 # later calls. Llama-3.1-8B shape, random bf16 weights, 256 tokens, flash SDPA, no dense baseline (the policy
-# row's own prefill is the reference). Usage: run_gpu_pin.sh LENGTH POLICY SECONDS_EACH
+# row's own prefill is the reference). TEST_SECONDS > 0 first runs every CUDA test (log in $OUT).
+# Usage: run_gpu_pin.sh LENGTH POLICY SECONDS_EACH [TEST_SECONDS]
 set -u
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ "${4:-0}" != 0 ]; then
+  timeout "$4" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_kernels.py tests/test_page_load.py \
+    tests/test_bookkeeping_kernels.py tests/test_dci_tree.py tests/test_prefill_job.py 2>&1 | grep -v -E "Warning|warnings.warn" \
+    | tail -40 > "$OUT/gpu_tests.log"
+  grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -12
+fi
 for mode in alloc register; do
   KVPOLICY_PIN=$mode timeout "$3" python3 -m kvpolicy.cli bench decode --config llama3-8b --policy "$2" --budget 256 \
     --length "$1" --steps 8 --breakdown-steps 2 --sdpa-backend flash --no-dense --json "$OUT/pin_$mode.json" \
