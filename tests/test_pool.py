@@ -58,3 +58,14 @@ def test_pin_mode_is_checked(monkeypatch):
     monkeypatch.setenv(PIN_ENV, "mlock")
     with pytest.raises(ValueError, match="'register' or 'alloc'"):
         pinned_empty((4,), torch.float32)
+
+
+def test_registration_without_a_cuda_runtime_declines():
+    """Without CUDA, registering host memory declines (None) instead of raising: the caller falls back."""
+    import pytest
+
+    from kvpolicy.host_memory import _registered
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA runtime is present")
+    assert _registered(4096) is None
