@@ -183,13 +183,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from kvpolicy.eval.report import markdown_report, plot_report
+    from kvpolicy.eval.report import common_tasks, markdown_report, plot_report
     from kvpolicy.eval.runner import read_rows
 
     for path in args.results:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"results file {path!r} does not exist")
     rows = [r for path in args.results for r in read_rows(path)]
+    if args.common_tasks:
+        rows, dropped = common_tasks(rows)
+        for (model, length), names in sorted(dropped.items()):
+            print(f"{model} at {length} tokens: left out {', '.join(names)} (not scored in every cell)", file=sys.stderr)
     text = markdown_report(rows)
     print(text)
     if args.markdown:
@@ -324,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("results", nargs="+", help="results JSONL files")
     s.add_argument("--markdown", default=None, help="also write the tables to this file")
     s.add_argument("--plots", default=None, help="directory for the PNG plots")
+    s.add_argument("--common-tasks", action="store_true",
+                   help="per model and length, keep only the tasks that every policy and budget scored")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ablate", help="indexes x budgets on a real model's keys and queries (recall, mass, speed)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-__all__ = ["aggregate", "markdown_report", "plot_report"]
+__all__ = ["aggregate", "common_tasks", "markdown_report", "plot_report"]
 
 FULL = "full"
 
@@ -32,6 +32,22 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[tuple, tuple[float, int]]:
             continue
         acc[(r["model"], r["length"], r["task"], r["policy"], r["budget_tokens"])].append(float(r["score"]) * r.get("n", 1))
     return {k: (mean(v), len(v)) for k, v in acc.items()}
+
+
+def common_tasks(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple, list[str]]]:
+    """Keep, per (model, length), only the tasks that every (policy, budget) cell scored, so averages and plot
+    points compare the same tasks (a grid cut short otherwise leaves cells averaged over fewer tasks). Returns
+    the kept rows and, per (model, length), the tasks dropped."""
+    cells = aggregate(rows)
+    tasks: dict[tuple, set] = defaultdict(set)  # (model, length) -> every task seen
+    per_cell: dict[tuple, set] = defaultdict(set)  # (model, length, policy, budget) -> tasks scored
+    for model, length, task, pol, b in cells:
+        tasks[(model, length)].add(task)
+        per_cell[(model, length, pol, b)].add(task)
+    keep = {key: set.intersection(*[t for c, t in per_cell.items() if c[:2] == key]) for key in tasks}
+    dropped = {key: sorted(tasks[key] - keep[key]) for key in tasks if tasks[key] - keep[key]}
+    kept = [r for r in rows if "score" not in r or r["task"] in keep.get((r["model"], r["length"]), set())]
+    return kept, dropped
 
 
 def _policies(cells) -> list[str]:
