@@ -5,10 +5,7 @@
 # decoding. The bench: Llama-3.1-8B shape, random bf16 weights, 256 tokens, flash SDPA, 32 timed steps (two
 # insertion rounds), dense and captured dense baselines.
 set -u
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -1
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/gpu_setup.sh"
 if [ "$3" != 0 ]; then
   python3 benchmarks/probe_pinned_alloc.py "$OUT/probe_pinned_alloc.json"
   timeout "$3" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_prefill_job.py \

@@ -5,10 +5,7 @@
 # row's own prefill is the reference). TEST_SECONDS > 0 first runs every CUDA test (log in $OUT).
 # Usage: run_gpu_pin.sh LENGTH POLICY SECONDS_EACH [TEST_SECONDS]
 set -u
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -1
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/gpu_setup.sh"
 if [ "${4:-0}" != 0 ]; then
   timeout "$4" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_kernels.py tests/test_page_load.py \
     tests/test_bookkeeping_kernels.py tests/test_dci_tree.py tests/test_prefill_job.py 2>&1 | grep -v -E "Warning|warnings.warn" \
