@@ -139,3 +139,22 @@ def test_progress_goes_to_a_log_one_line_per_row(model, tok, tmp_path, capsys):
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
     assert len(lines) == len(rows) == 2
     assert lines[-1].startswith("[2/2] niah_single_1 600 sample 0 quest @ 64: ")
+
+
+def test_no_forward_returns_logits_for_the_whole_prompt(model, tok, tmp_path, monkeypatch):
+    """The dense prefill and each policy's decode ask for the last position's logits only (the whole prompt's
+    are T x vocab floats: 10 GB for 16k tokens of Qwen2.5 in float32)."""
+    import functools
+
+    widths = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # generate() reads the signature (logits_to_keep)
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        widths.append(out.logits.shape[1])
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    run_eval(model, tok, out=tmp_path / "r.jsonl", **{**KW, "samples": 1})
+    assert widths and max(widths) == 1

@@ -94,7 +94,7 @@ def run_passkey_demo(
             ids = sample.input_ids(model.device)  # [1, T]
             bar.update(task, description=f"depth {depth:.0%}: dense prefill of {ids.shape[1]} tokens")
             dense = DynamicCache(config=model.config)
-            logits = model(ids, past_key_values=dense, use_cache=True).logits  # dense prefill, as every policy
+            logits = model(ids, past_key_values=dense, use_cache=True, logits_to_keep=1).logits  # dense prefill
             first = logits[:, -1:].argmax(-1)  # [1, 1] greedy first answer token
             ids_first = torch.cat([ids, first], dim=1)
             bar.advance(task)

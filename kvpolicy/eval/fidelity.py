@@ -47,7 +47,7 @@ def policy_nll(model: Any, ids: torch.Tensor, n_prompt: int, job: EvalJob | None
     prompt, cont = ids[:, :n_prompt], ids[:, n_prompt:]
     if job is None or job.own_prefill or dense is None:
         cache = DynamicCache(config=model.config) if job is None else KVPolicyCache(model, job.policy)
-        first_logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+        first_logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     else:
         cache = KVPolicyCache.from_dense(model, job.policy, dense)
     nll = [float(-torch.log_softmax(first_logits.float(), -1)[0, cont[0, 0]])]
@@ -132,7 +132,7 @@ def fidelity_rows(model: Any, tokenizer: Any, jobs: list[EvalJob], L: int, *, n_
     text = ids[:, : L + continuation]
     with torch.inference_mode():
         dense = DynamicCache(config=model.config)
-        first_logits = model(text[:, :L], past_key_values=dense, use_cache=True).logits[:, -1]
+        first_logits = model(text[:, :L], past_key_values=dense, use_cache=True, logits_to_keep=1).logits[:, -1]
     nll_full = policy_nll(model, text, L, None)
     for job in todo:
         yield job, fidelity_row(model, qkv, text, L, job, n_queries, nll_full, dense, first_logits)

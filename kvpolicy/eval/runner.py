@@ -205,7 +205,10 @@ def run_eval(
             if any(not j.own_prefill for j in todo):
                 with torch.inference_mode():
                     dense = DynamicCache(config=model.config)
-                    logits = model(sample.input_ids(model.device), past_key_values=dense, use_cache=True).logits
+                    # logits of the last position only: the whole prompt's would be T x vocab floats (10 GB for
+                    # 16k tokens of Qwen2.5 in float32, which once ran this CPU out of memory)
+                    logits = model(sample.input_ids(model.device), past_key_values=dense, use_cache=True,
+                                   logits_to_keep=1).logits
                     first = logits[:, -1:].argmax(-1)  # [1, 1] greedy first answer token, shared by every policy
             for j in todo:
                 bar.update(t_all, description=f"{task} {L}: sample {i} {j.label} @ {j.budget or 'all'}")
