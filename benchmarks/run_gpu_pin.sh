@@ -19,13 +19,11 @@ for mode in alloc register; do
 done
 python3 - "$OUT" <<'PY'
 import json, sys
-rows = {}
 for mode in ("alloc", "register"):
     try:
         r = json.load(open(f"{sys.argv[1]}/pin_{mode}.json"))["rows"][0]
     except (OSError, KeyError, IndexError, ValueError) as e:
         print(mode, "no row:", e); continue
-    rows[mode] = r
     print(f"{mode:9s} prefill {r['ttft_s']:.2f} s  second token {r['ttst_s']:.2f} s  ratio {r['ttst_s'] / r['ttft_s']:.2f}"
           f"  tpot {r['tpot_ms']:.1f} ms  pool alloc {r.get('layers_pool_alloc_s', 0):.2f} s"
           f"  index {r.get('layers_build_index_s', 0):.2f} s  pool write {r.get('layers_build_pool_s', 0):.2f} s")

@@ -38,12 +38,12 @@ def common_tasks(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     """Keep, per (model, length), only the tasks that every (policy, budget) cell scored, so averages and plot
     points compare the same tasks (a grid cut short otherwise leaves cells averaged over fewer tasks). Returns
     the kept rows and, per (model, length), the tasks dropped."""
-    cells = aggregate(rows)
     tasks: dict[tuple, set] = defaultdict(set)  # (model, length) -> every task seen
     per_cell: dict[tuple, set] = defaultdict(set)  # (model, length, policy, budget) -> tasks scored
-    for model, length, task, pol, b in cells:
-        tasks[(model, length)].add(task)
-        per_cell[(model, length, pol, b)].add(task)
+    for r in rows:
+        if "score" in r:
+            tasks[(r["model"], r["length"])].add(r["task"])
+            per_cell[(r["model"], r["length"], r["policy"], r["budget_tokens"])].add(r["task"])
     keep = {key: set.intersection(*[t for c, t in per_cell.items() if c[:2] == key]) for key in tasks}
     dropped = {key: sorted(tasks[key] - keep[key]) for key in tasks if tasks[key] - keep[key]}
     kept = [r for r in rows if "score" not in r or r["task"] in keep.get((r["model"], r["length"]), set())]
