@@ -7,10 +7,7 @@
 set -u
 source "$(dirname "$0")/gpu_setup.sh"
 if [ "${4:-0}" != 0 ]; then
-  timeout "$4" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_kernels.py tests/test_page_load.py \
-    tests/test_bookkeeping_kernels.py tests/test_dci_tree.py tests/test_prefill_job.py 2>&1 | grep -v -E "Warning|warnings.warn" \
-    | tail -40 > "$OUT/gpu_tests.log"
-  grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.log" | tail -12
+  bash "$(dirname "$0")/gpu_tests.sh" "$4" "$OUT/gpu_tests.log"
 fi
 for mode in alloc register; do
   KVPOLICY_PIN=$mode timeout "$3" python3 -m kvpolicy.cli bench decode --config llama3-8b --policy "$2" --budget 256 \

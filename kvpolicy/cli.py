@@ -249,7 +249,7 @@ def cmd_bench_decode(args) -> int:
 
     lengths = [parse_length(x) for x in args.length]
     for name in args.policy:
-        Policy.resolve_placed(split_variant(name)[0], budget=args.budget)  # validate before loading the model
+        Policy.resolve_placed(split_variant(name).spec, budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
     cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,
@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="bfloat16 (default), float16, float32")
     s.add_argument("--device", default=None, help="cuda if available, else cpu")
     s.add_argument("--policy", type=_str_list, default=["icecache"], help="comma-separated presets; NAME@cuda puts the index on the GPU, NAME:uva sets the transfer, "
-                   "a trailing +graphs captures each layer's decode step in a CUDA graph (experimental)")
+                   "a trailing +graphs captures each layer's decode step in a CUDA graph (experimental), +defer defers "
+                   "page insertions, +prefetch / +estimate select and load pages ahead of the step")
     s.add_argument("--budget", type=_budget, default=256, help="tokens (e.g. 256) or 'all'")
     s.add_argument("--length", type=_str_list, default=["8k"], help="comma-separated context lengths (8k,32k)")
     s.add_argument("--steps", type=int, default=32, help="timed decode steps per run")

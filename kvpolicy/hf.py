@@ -25,6 +25,7 @@ import torch
 from kvpolicy.errors import UnsupportedModelError
 from kvpolicy.layer import DecodeCursor, PolicyLayer
 from kvpolicy.policy import Policy
+from kvpolicy.prefetch import NextQueryEstimator, check_prefetch_mode
 from kvpolicy.reference.mirror_index import MirrorIndex
 
 __all__ = [
@@ -85,6 +86,7 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
         prev_selection=prev[1] if prev is not None and prev[0] == step else None,
     )  # [B, Hq, D]
     cache.step_selection = (step, layer.state.last_selection)  # seen by the next policy layer of this step
+    cache.prefetch_after(layer.state.layer_idx)
     return out.unsqueeze(1), None
 
 
@@ -226,6 +228,10 @@ class KVPolicyCache(_get_dynamic_cache()):
     overlap, without layer reuse) lets an insertion run past the layer's next steps, its page attended from the
     window meanwhile (see ``kvpolicy.layer``): insertions then hide behind decoding, but which steps select from
     the index before the insertion depends on timing, so outputs are not reproducible at a limited budget.
+    ``prefetch`` selects and loads a layer's pages before its step (``kvpolicy.prefetch``): ``"off"`` (default),
+    ``"follow"`` (layers that reuse another layer's selection, as soon as it is made; exact) or ``"estimate"``
+    (also every other policy layer after a policy layer, with IceCache's next-layer query estimate;
+    approximate; needs the model, not its config). Not with ``defer_insert``; skipped in CUDA-graph steps.
     """
 
     def __init__(
@@ -237,6 +243,7 @@ class KVPolicyCache(_get_dynamic_cache()):
         validate: bool = False,
         overlap: bool = True,
         defer_insert: bool = False,
+        prefetch: str = "off",
     ):
         config = getattr(model_or_config, "config", model_or_config)
         check_model_supported(config)
@@ -274,9 +281,44 @@ class KVPolicyCache(_get_dynamic_cache()):
             for i in self.policy_layers:
                 self.layers[i].state.defer_insert = True
                 self.layers[i].state.cursor = cursor
+        self._setup_prefetch(model_or_config, check_prefetch_mode(prefetch), defer_insert)
         register_attention()
         if hasattr(model_or_config, "set_attn_implementation"):
             model_or_config.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def _setup_prefetch(self, model_or_config, mode: str, defer_insert: bool) -> None:
+        self.prefetch_mode = mode
+        self.followers: dict[int, list[int]] = {}  # followed layer -> the layers that reuse its selection
+        self.estimator = None
+        if mode == "off":
+            return
+        if defer_insert:
+            raise ValueError("prefetch does not work with defer_insert (a deferred insertion is joined by the step)")
+        for i in self.policy_layers:
+            anchor = self.layers[i].state.selector.follows_layer(i)
+            if anchor is not None:
+                self.followers.setdefault(anchor, []).append(i)
+        if mode == "estimate":
+            if not hasattr(model_or_config, "get_decoder"):
+                raise ValueError("prefetch='estimate' needs the model (its next layer's q_proj), not its config")
+            pol = set(self.policy_layers)
+            followers = {f for fs in self.followers.values() for f in fs}
+            targets = [i for i in self.policy_layers if i - 1 in pol and i not in followers]
+            self.estimator = NextQueryEstimator(model_or_config, self, targets)
+
+    def prefetch_after(self, layer_idx: int) -> None:
+        """Called after a policy layer's decode step: prefetch the layers that follow it, and with
+        ``"estimate"`` the next layer from its estimated query (see ``kvpolicy.prefetch``)."""
+        if self.prefetch_mode == "off":
+            return
+        sel = self.layers[layer_idx].state.last_selection
+        for f in self.followers.get(layer_idx, ()):
+            self.layers[f].state.prefetch(prev_selection=sel)
+        est = self.estimator
+        if est is not None and layer_idx + 1 in est.targets:
+            q = est.estimate(layer_idx + 1)
+            if q is not None:
+                self.layers[layer_idx + 1].state.prefetch(q, scaling=est.scaling(layer_idx + 1))
 
     @classmethod
     def from_dense(cls, model: Any, policy: Policy | str | dict, dense_cache, **kw) -> KVPolicyCache:

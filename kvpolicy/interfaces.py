@@ -152,7 +152,10 @@ class Selector(Part):
         """The earlier layer whose page layout (and so whose selection) this layer reuses, or None.
 
         A layer that follows another gets a ``MirrorIndex`` of that layer instead of its own index, and its
-        ``ctx.prev_selection`` is the selection of the layer before it at the same step."""
+        ``ctx.prev_selection`` is the selection of the layer before it at the same step. Its ``select`` must not
+        read the query and must give the same pages whether ``ctx.prev_selection`` is the selection of the layer
+        just before it or that of the layer it follows: ``KVPolicyCache(prefetch="follow")`` selects and loads
+        its pages as soon as the followed layer has selected, with ``query=None``."""
         return None
 
     def capture_key(self, ctx: SelectContext) -> tuple | None:

@@ -76,6 +76,7 @@ class LayerStats:
     pool_alloc_s: float = 0.0  # of which allocating the layer's (pinned) CPU pool, sized after the build
     wait_s: float = 0.0  # time the decode path waited for a background job (prefill build or page insertion)
     deferred_steps: int = 0  # steps that ran beside a queued insertion, its page attended from the window
+    prefetched_steps: int = 0  # steps whose pages were selected and loaded ahead (``prefetch``)
 
     def as_dict(self) -> dict[str, float]:
         """The counters as numbers (counters that a transfer keeps on the device are read back here)."""
@@ -128,6 +129,8 @@ class PolicyLayer:
         self._max_pages = 0  # pages of the fullest (b, head) row of the index, known on the host
         self._graph = None  # (key, CUDAGraph, static query, output, selection) of the captured decode step
         self._win_len_t = None  # [1] int64 device copy of win_len, read by the captured attention
+        self._ahead = None  # (step, selection, reservation, transfer handle, event) made by prefetch()
+        self._ahead_stream = None  # CUDA stream that prefetch() runs on
 
     def reset(self) -> None:
         with contextlib.suppress(Exception):  # a failed job's error is moot once the layer is reset
@@ -373,7 +376,6 @@ class PolicyLayer:
             self._step_end(locked)
 
     def _decode(self, query, key, value, scaling, softcap, prev_selection) -> torch.Tensor:
-        B, H, _ = self.shape
         self._append(key, value)
         self.seq_len += 1
         st = self.stats
@@ -386,21 +388,17 @@ class PolicyLayer:
             st.attention_s += t3 - t0
             self._end_step(sel, t3)
             return out
-        if self.index.num_tokens:
-            sel = self.selector.select(query, ctx)
-            if self.validate:
-                sel.validate(ctx.num_pages)
-                if sel.k > ctx.k:
-                    raise ValueError(f"selector {self.selector.name!r} returned {sel.k} pages > budget {ctx.k}")
+        ahead = self._take_ahead()
+        if ahead is not None:  # selected and submitted by prefetch(), before this step
+            sel, res, handle, event = ahead
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+            st.prefetched_steps += 1
+            t1 = t0
         else:
-            sel = Selection(page_ids=torch.full((B, H, 0), PAD, dtype=torch.int64))
-        t1 = self._now()
-        if sel.k > self.allocator.num_slots:
-            self._setup_slots(max(sel.k, 2 * self.allocator.num_slots))  # unlimited budget: grow the working set
-        res = self.allocator.reserve(sel)
-        handle = self.transfer.submit(
-            self.cpu_pool, torch.where(res.missing, res.page_ids, PAD), self.gpu_pool, res.slots
-        )
+            sel = self._select(query, ctx)
+            t1 = self._now()
+            res, handle = self._reserve_and_submit(sel)
         self.transfer.wait(handle)
         t2 = self._now()
         gp = self.gpu_pool
@@ -418,6 +416,110 @@ class PolicyLayer:
         st.transfer_s += t2 - t1
         st.attention_s += t3 - t2
         return out
+
+    def _select(self, query: torch.Tensor | None, ctx: SelectContext) -> Selection:
+        if not self.index.num_tokens:
+            B, H, _ = self.shape
+            return Selection(page_ids=torch.full((B, H, 0), PAD, dtype=torch.int64))
+        sel = self.selector.select(query, ctx)
+        if self.validate:
+            sel.validate(ctx.num_pages)
+            if sel.k > ctx.k:
+                raise ValueError(f"selector {self.selector.name!r} returned {sel.k} pages > budget {ctx.k}")
+        return sel
+
+    def _reserve_and_submit(self, sel: Selection):
+        """Map the selection to slots and start moving the missing pages (``wait`` on the handle finishes it)."""
+        if sel.k > self.allocator.num_slots:
+            self._setup_slots(max(sel.k, 2 * self.allocator.num_slots))  # unlimited budget: grow the working set
+        res = self.allocator.reserve(sel)
+        handle = self.transfer.submit(
+            self.cpu_pool, torch.where(res.missing, res.page_ids, PAD), self.gpu_pool, res.slots
+        )
+        return res, handle
+
+    # ------------------------------------------------------------------ prefetch (selection ahead of the step)
+    def prefetch(
+        self,
+        query: torch.Tensor | None = None,  # [B, Hq, D] an estimate of the next step's query, or None
+        *,
+        prev_selection: Selection | None = None,
+        scaling: float = 1.0,
+    ) -> bool:
+        """Select, reserve and start loading the pages of this layer's next decode step now, before the step
+        runs, so that the copy overlaps the work in between (e.g. the rest of an earlier layer). The next
+        ``decode`` then uses this selection instead of selecting with its own query, and only waits for the copy.
+
+        Two callers (``KVPolicyCache(prefetch=...)``): a layer that follows another (``Selector.follows_layer``)
+        gets the selection it will be handed (``prev_selection``) as soon as that layer has selected, so its
+        step is unchanged, only earlier; any layer may get an estimate of its query (IceCache's next-layer
+        estimate), and then selects with the estimate (an approximation). On CUDA the work runs on a side
+        stream that waits for the current one; the step waits for it by an event. Skipped (returns False)
+        where the step would not use it: before prefill, with an empty index, or with CUDA-graph steps on (a
+        captured step carries its own copy). A prefetch that the next step does not use (a later call, an
+        error in between) is dropped and its slots released."""
+        if not self.prefilled or self.cuda_graphs:
+            return False
+        self._drop_ahead()
+        self._settle_for_prefetch()
+        if not self.index.num_tokens:
+            return False
+        if query is not None:
+            B, H, D = self.shape
+            if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
+                raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
+        ctx = dataclasses.replace(self.context(scaling, prev_selection), seq_len=self.seq_len + 1)
+        stream = event = None
+        if self.device.type == "cuda":
+            if self._ahead_stream is None:
+                self._ahead_stream = torch.cuda.Stream(device=self.device)
+            stream = self._ahead_stream
+            # kernels on this stream come after everything queued so far, in particular after the main stream's
+            # last reads of memory that this stream's allocations may reuse (see _drop_ahead)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        t0 = self._now()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            sel = self._select(query, ctx)
+            t1 = self._now()
+            res, handle = self._reserve_and_submit(sel)
+            if stream is not None:
+                event = stream.record_event()
+        st = self.stats
+        st.select_s += t1 - t0
+        st.transfer_s += self._now() - t1
+        self._ahead = (self.step, sel, res, handle, event)
+        return True
+
+    def _settle_for_prefetch(self) -> None:
+        """Join the layer's background job before selecting ahead: the step would join it too (layers that
+        prefetch never defer their insertions, see ``KVPolicyCache``)."""
+        if self._transit:
+            raise RuntimeError(f"layer {self.layer_idx}: prefetch while an insertion is deferred")
+        self.wait_ready()
+
+    def _take_ahead(self):
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        step, sel, res, handle, event = ahead
+        if step != self.step:  # made for another step
+            self._release_ahead(res, event)
+            return None
+        return sel, res, handle, event
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._release_ahead(ahead[2], ahead[4])
+
+    def _release_ahead(self, res, event) -> None:
+        """Free the slots of an unused prefetch. The copy may still be in flight into them: the current stream
+        waits for it first, so a later step cannot overwrite or read them before it lands. The prefetch's own
+        tensors were allocated on the side stream; the next prefetch waits for the current stream before
+        reusing their memory."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        self.allocator.release(res)
 
     def _end_step(self, sel: Selection, t3: float) -> None:
         """After the attention: keep the selection, move a full window page out (``insert_s``), count the step."""

@@ -45,10 +45,14 @@ def test_bench_decode_rows(tiny):
 def test_variant_suffixes():
     from kvpolicy.bench.decode import split_variant
 
-    assert split_variant("icecache@cuda:uva+graphs+defer") == ("icecache@cuda:uva", True, True)
-    assert split_variant("icecache+defer+graphs") == ("icecache", True, True)
-    assert split_variant("quest+defer") == ("quest", False, True)
-    assert split_variant("quest") == ("quest", False, False)
+    assert split_variant("icecache@cuda:uva+graphs+defer") == ("icecache@cuda:uva", True, True, "off")
+    assert split_variant("icecache+defer+graphs") == ("icecache", True, True, "off")
+    assert split_variant("quest+defer") == ("quest", False, True, "off")
+    assert split_variant("quest") == ("quest", False, False, "off")
+    assert split_variant("icecache-reuse:uva+prefetch+graphs") == ("icecache-reuse:uva", True, False, "follow")
+    assert split_variant("icecache+estimate").prefetch == "estimate"
+    with pytest.raises(ValueError, match="choose one of"):
+        split_variant("icecache+estimate+prefetch")
 
 
 def test_bench_decode_deferred_insertion(tiny):

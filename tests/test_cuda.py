@@ -263,3 +263,35 @@ def test_registered_host_memory_is_pinned_and_reaches_the_gpu(monkeypatch):
     gc.collect()
     again = pinned_empty((1 << 20,), torch.uint8)  # registration after unregistration works
     assert again.is_pinned()
+
+
+@pytest.mark.parametrize("transfer", ["uva", "bulk_load"])
+@pytest.mark.parametrize("index_device", ["cpu", "cuda"])
+def test_prefetched_followers_on_cuda_match_eager(transfer, index_device):
+    """``prefetch="follow"``: the followers' pages are selected, reserved and copied on a side stream right after
+    their anchor selects; decoding generates what it does without prefetch, every follower step used its
+    prefetch, and no reservation is left pinned."""
+    from kvpolicy.policy import Policy
+
+    model = tiny_model("llama", layers=8).cuda()  # anchors 2, 5; followers 3, 4, 6, 7
+    ids = torch.randint(0, 128, (2, 700), generator=torch.Generator().manual_seed(5)).cuda()
+    pol = Policy.resolve_placed(f"icecache-reuse@{index_device}:{transfer}", budget=128)
+    outs, caches = [], []
+    for mode in ("off", "follow", "estimate"):
+        cache = KVPolicyCache(model, pol, prefetch=mode)
+        with torch.inference_mode():
+            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=48, do_sample=False))
+        caches.append(cache)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(outs[0], outs[1])
+    assert outs[2].shape == outs[0].shape  # the estimate changes anchor 5's pages: tokens may differ
+    for cache in caches[1:]:
+        followers = {f for fs in cache.followers.values() for f in fs}
+        for i in cache.policy_layers:
+            st = cache.layers[i].state
+            st.wait_ready()
+            assert st.stats.pages_inserted > 0
+            assert int(st.allocator._pins.sum()) == 0
+            if i in followers:
+                assert st.stats.prefetched_steps == st.stats.steps == 47
+    assert caches[2].layers[5].state.stats.prefetched_steps == 47  # estimated from layer 4's attention input

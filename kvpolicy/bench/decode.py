@@ -30,7 +30,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -96,23 +96,35 @@ def _sync(dev: torch.device) -> None:
 
 GRAPHS_SUFFIX = "+graphs"
 DEFER_SUFFIX = "+defer"
+PREFETCH_SUFFIXES = {"+prefetch": "follow", "+estimate": "estimate"}  # KVPolicyCache(prefetch=...)
 
 
 DENSE_GRAPHS = "dense+graphs"
 
 
-def split_variant(variant: str) -> tuple[str, bool, bool]:
-    """``"icecache@cuda:uva+graphs+defer"`` -> ``("icecache@cuda:uva", True, True)``. ``+graphs`` turns on the
-    experimental per-layer CUDA-graph decode step (``PolicyLayer.cuda_graphs``), ``+defer`` deferred page
-    insertion (``KVPolicyCache(defer_insert=True)``), for that variant only; in any order."""
-    flags = {GRAPHS_SUFFIX: False, DEFER_SUFFIX: False}
+class Variant(NamedTuple):
+    spec: str  # NAME[@INDEX_DEVICE][:TRANSFER]
+    graphs: bool
+    defer: bool
+    prefetch: str  # "off", "follow", "estimate"
+
+
+def split_variant(variant: str) -> Variant:
+    """``"icecache@cuda:uva+graphs+defer"`` -> ``Variant("icecache@cuda:uva", True, True, "off")``. ``+graphs``
+    turns on the experimental per-layer CUDA-graph decode step (``PolicyLayer.cuda_graphs``), ``+defer``
+    deferred page insertion (``KVPolicyCache(defer_insert=True)``), ``+prefetch`` / ``+estimate`` selection ahead
+    of the step (``KVPolicyCache(prefetch="follow" / "estimate")``), for that variant only; in any order."""
+    flags = {GRAPHS_SUFFIX: False, DEFER_SUFFIX: False} | dict.fromkeys(PREFETCH_SUFFIXES, False)
     spec, found = variant, True
     while found:
         found = False
         for suffix in flags:
             if spec.endswith(suffix):
                 spec, flags[suffix], found = spec[: -len(suffix)], True, True
-    return spec, flags[GRAPHS_SUFFIX], flags[DEFER_SUFFIX]
+    modes = [m for suf, m in PREFETCH_SUFFIXES.items() if flags[suf]]
+    if len(modes) > 1:
+        raise ValueError(f"variant {variant!r}: choose one of {', '.join(PREFETCH_SUFFIXES)}")
+    return Variant(spec, flags[GRAPHS_SUFFIX], flags[DEFER_SUFFIX], modes[0] if modes else "off")
 
 
 def _policy_layers(cache) -> list:
@@ -191,6 +203,7 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
             row[f"layers_{k}"] = sum(st[k] for st in stats)
         row["pages_inserted"] = sum(st["pages_inserted"] for st in stats)
         row["deferred_steps"] = sum(st["deferred_steps"] for st in stats)
+        row["prefetched_steps"] = sum(st["prefetched_steps"] for st in stats)
     mem = _kv_bytes(cache)
     tot = mem["device_kv"] + mem["cpu_kv"]
     row.update({"device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"], "index_bytes": mem["index"],
@@ -296,13 +309,13 @@ def _warmup(model) -> None:
 
 
 def _policy_cache(model, vname: str, pol):
-    """The cache of one policy variant, with its ``+graphs``/``+defer`` flags applied."""
+    """The cache of one policy variant, with its ``+graphs``/``+defer``/``+prefetch``/``+estimate`` flags applied."""
     from kvpolicy.hf import KVPolicyCache
 
-    _, graphs, defer = split_variant(vname)
-    cache = KVPolicyCache(model, pol, defer_insert=defer)
+    v = split_variant(vname)
+    cache = KVPolicyCache(model, pol, defer_insert=v.defer, prefetch=v.prefetch)
     for la in _policy_layers(cache):
-        la.cuda_graphs = graphs
+        la.cuda_graphs = v.graphs
     return cache
 
 
@@ -341,7 +354,7 @@ def bench_decode(
     dev = model.device
     pols = {}
     for name in cfg.policies:  # resolve everything before the first prefill: bad names fail fast
-        spec = split_variant(name)[0]  # "...+graphs", "...+defer": see split_variant
+        spec = split_variant(name).spec  # "...+graphs", "...+defer", "...+prefetch": see split_variant
         preset, idx_dev, transfer = split_placement(spec)  # "icecache@cuda:uva": index on the GPU, uva transfer
         pol = Policy.resolve(preset, budget=cfg.budget).placed(idx_dev or cfg.index_device, transfer)
         pols[name] = pol

@@ -86,9 +86,9 @@ class OmniKVSelector(Selector):
 
     def select(self, query: torch.Tensor, ctx: SelectContext) -> Selection:  # query: [B, Hq, D]
         P = int(ctx.num_pages.max()) if ctx.num_pages.numel() else 0
-        B, Hq, D = query.shape
-        H = ctx.num_kv_heads
         if ctx.layer in self.filter_layers:
+            B, Hq, D = query.shape
+            H = ctx.num_kv_heads
             k = self.keys[:, :, : self.n].float()  # [B, H, n, D]
             q = query.to(k.device).float().view(B, H, Hq // H, D)
             mass = (torch.einsum("bhgd,bhnd->bhgn", q, k) * ctx.scaling).softmax(-1).sum(2)  # [B, H, n]
@@ -97,7 +97,7 @@ class OmniKVSelector(Selector):
             scores = self.pages.reduce(mass, P, "sum")  # [B, H, P]
             return rank_pages(scores.masked_fill(~page_valid(ctx, P, scores.device), float("-inf")), ctx.k)
         if self.reads_every_page(ctx.layer):  # dense layers before the first filter layer: every page, any order
-            ids = torch.arange(P, device=ctx.num_pages.device).expand(B, H, P)
+            ids = torch.arange(P, device=ctx.num_pages.device).expand(*ctx.num_pages.shape, P)
             return Selection(page_ids=torch.where(page_valid(ctx, P, ids.device), ids, PAD))
         prev = ctx.prev_selection
         if prev is None:
