@@ -24,15 +24,27 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["PREFETCH_MODES", "NextQueryEstimator", "check_prefetch_mode"]
+__all__ = ["PREFETCH_MODES", "PREFETCH_SUFFIXES", "NextQueryEstimator", "check_prefetch_mode", "split_prefetch"]
 
 PREFETCH_MODES = ("off", "follow", "estimate")
+PREFETCH_SUFFIXES = {"+prefetch": "follow", "+estimate": "estimate"}  # policy-spec suffixes (bench, eval)
 
 
 def check_prefetch_mode(mode: str) -> str:
     if mode not in PREFETCH_MODES:
         raise ValueError(f"unknown prefetch mode {mode!r}; choose one of {', '.join(PREFETCH_MODES)}")
     return mode
+
+
+def split_prefetch(spec: str) -> tuple[str, str]:
+    """``"icecache@cuda:uva+estimate"`` -> ``("icecache@cuda:uva", "estimate")``; no suffix: ``"off"``."""
+    for suffix, mode in PREFETCH_SUFFIXES.items():
+        if spec.endswith(suffix):
+            rest = spec[: -len(suffix)]
+            if any(rest.endswith(other) for other in PREFETCH_SUFFIXES):
+                raise ValueError(f"policy {spec!r}: choose one of {', '.join(PREFETCH_SUFFIXES)}")
+            return rest, mode
+    return spec, "off"
 
 
 def decoder_layers(model) -> Sequence:

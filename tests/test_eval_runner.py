@@ -66,6 +66,22 @@ def test_placement_suffix_keeps_the_label_and_sets_the_parts():
         eval_jobs(["quest@gpu0"], [128])
 
 
+def test_prefetch_suffix_is_part_of_the_label(model, tok, tmp_path):
+    jobs = eval_jobs(["icecache-reuse", "icecache-reuse+prefetch", "icecache@cpu+estimate"], [128])
+    assert [(j.label, j.prefetch) for j in jobs] == [
+        ("icecache-reuse", "off"), ("icecache-reuse+prefetch", "follow"), ("icecache+estimate", "estimate")]
+    with pytest.raises(ValueError, match="choose one of"):
+        eval_jobs(["icecache+estimate+prefetch"], [128])
+    rows = run_eval(model, tok, out=tmp_path / "r.jsonl", **{
+        **KW, "policies": ["icecache-reuse", "icecache-reuse+prefetch", "icecache+estimate"], "budgets": [128],
+        "lengths": [900], "samples": 1})
+    by = {r["policy"]: r for r in rows}
+    assert set(by) == {"icecache-reuse", "icecache-reuse+prefetch", "icecache+estimate"}
+    assert by["icecache-reuse+prefetch"]["prediction"] == by["icecache-reuse"]["prediction"]  # exact
+    assert by["icecache+estimate"]["policy_config"]["prefetch"] == "estimate"
+    assert "prefetch" not in by["icecache-reuse"]["policy_config"]
+
+
 def test_rows_resume_and_determinism(model, tok, tmp_path):
     out = tmp_path / "r.jsonl"
     rows = run_eval(model, tok, out=out, **KW)

@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from kvpolicy.prefetch import PREFETCH_SUFFIXES, split_prefetch
+
 __all__ = ["CONFIGS", "DecodeBenchConfig", "bench_decode", "load_bench_model", "plot_decode", "print_table", "write_json"]
 
 # Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json: 32 layers, 32 q / 8 kv heads, head_dim 128, llama3 RoPE)
@@ -96,7 +98,6 @@ def _sync(dev: torch.device) -> None:
 
 GRAPHS_SUFFIX = "+graphs"
 DEFER_SUFFIX = "+defer"
-PREFETCH_SUFFIXES = {"+prefetch": "follow", "+estimate": "estimate"}  # KVPolicyCache(prefetch=...)
 
 
 DENSE_GRAPHS = "dense+graphs"
@@ -113,18 +114,21 @@ def split_variant(variant: str) -> Variant:
     """``"icecache@cuda:uva+graphs+defer"`` -> ``Variant("icecache@cuda:uva", True, True, "off")``. ``+graphs``
     turns on the experimental per-layer CUDA-graph decode step (``PolicyLayer.cuda_graphs``), ``+defer``
     deferred page insertion (``KVPolicyCache(defer_insert=True)``), ``+prefetch`` / ``+estimate`` selection ahead
-    of the step (``KVPolicyCache(prefetch="follow" / "estimate")``), for that variant only; in any order."""
-    flags = {GRAPHS_SUFFIX: False, DEFER_SUFFIX: False} | dict.fromkeys(PREFETCH_SUFFIXES, False)
-    spec, found = variant, True
+    of the step (``KVPolicyCache(prefetch="follow" / "estimate")``, ``kvpolicy.prefetch.split_prefetch``), for
+    that variant only; in any order."""
+    flags = {GRAPHS_SUFFIX: False, DEFER_SUFFIX: False}
+    spec, prefetch, found = variant, "off", True
     while found:
         found = False
         for suffix in flags:
             if spec.endswith(suffix):
                 spec, flags[suffix], found = spec[: -len(suffix)], True, True
-    modes = [m for suf, m in PREFETCH_SUFFIXES.items() if flags[suf]]
-    if len(modes) > 1:
-        raise ValueError(f"variant {variant!r}: choose one of {', '.join(PREFETCH_SUFFIXES)}")
-    return Variant(spec, flags[GRAPHS_SUFFIX], flags[DEFER_SUFFIX], modes[0] if modes else "off")
+        rest, mode = split_prefetch(spec)
+        if mode != "off":
+            if prefetch != "off":
+                raise ValueError(f"variant {variant!r}: choose one of {', '.join(PREFETCH_SUFFIXES)}")
+            spec, prefetch, found = rest, mode, True
+    return Variant(spec, flags[GRAPHS_SUFFIX], flags[DEFER_SUFFIX], prefetch)
 
 
 def _policy_layers(cache) -> list:

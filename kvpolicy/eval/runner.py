@@ -26,6 +26,7 @@ import torch
 from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
 from kvpolicy.hf import KVPolicyCache
 from kvpolicy.policy import Policy, split_placement
+from kvpolicy.prefetch import split_prefetch
 
 __all__ = ["EvalJob", "QHIDDEN_SUFFIX", "eval_jobs", "read_rows", "row_key", "run_eval"]
 
@@ -41,6 +42,7 @@ class EvalJob:
     budget: int | None
     policy: Policy
     hide_question: bool = False
+    prefetch: str = "off"  # KVPolicyCache(prefetch=...): a "+prefetch"/"+estimate" suffix, kept in the label
 
     @property
     def own_prefill(self) -> bool:
@@ -55,19 +57,22 @@ def eval_jobs(policies: Sequence[str], budgets: Sequence[int]) -> list[EvalJob]:
     jobs: list[EvalJob] = []
     seen: dict[str, str] = {}
     for spec in policies:
-        name, index_device, transfer = split_placement(spec)
-        if name in seen:
-            raise ValueError(f"policy {name!r} is listed twice ({seen[name]!r} and {spec!r}); rows are keyed by name")
-        seen[name] = spec
+        placed, prefetch = split_prefetch(spec)
+        name, index_device, transfer = split_placement(placed)
+        suffix = spec[len(placed):]  # the prefetch mode changes the results (estimate): it is part of the label
+        if name + suffix in seen:
+            raise ValueError(f"policy {name!r} is listed twice ({seen[name + suffix]!r} and {spec!r}); rows are keyed "
+                             "by name")
+        seen[name + suffix] = spec
         hidden = name.endswith(QHIDDEN_SUFFIX)
         base = Policy.resolve(name[: -len(QHIDDEN_SUFFIX)] if hidden else name).placed(index_device, transfer)
         if hidden and not base.selector_cls.needs_prompt_queries:
             raise ValueError(f"{name!r}: only prefill-scoring selectors (snapkv, h2o) have a question-hidden mode")
         if not base.selector_cls.uses_budget:
-            jobs.append(EvalJob(name, None, base.with_budget(None)))
+            jobs.append(EvalJob(name + suffix, None, base.with_budget(None), prefetch=prefetch))
             continue
         for b in budgets:
-            jobs.append(EvalJob(name, b, base.with_budget(b), hidden))
+            jobs.append(EvalJob(name + suffix, b, base.with_budget(b), hidden, prefetch))
         if base.selector.name == "snapkv" and not hidden and not any(
             split_placement(p)[0] == f"{name}{QHIDDEN_SUFFIX}" for p in policies
         ):
@@ -121,10 +126,10 @@ def _decode(model, tokenizer, sample: TaskSample, job: EvalJob, dense, first) ->
     pol = _policy_for(job, sample)
     n = sample.max_new_tokens
     if job.own_prefill:  # the selector scores the prompt: its prefill runs through the cache
-        cache = KVPolicyCache(model, pol)
+        cache = KVPolicyCache(model, pol, prefetch=job.prefetch)
         out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
     else:
-        cache = KVPolicyCache.from_dense(model, pol, dense)
+        cache = KVPolicyCache.from_dense(model, pol, dense, prefetch=job.prefetch)
         rest = model.generate(torch.cat([ids, first], 1), past_key_values=cache, max_new_tokens=max(n - 1, 1),
                               do_sample=False)[0, ids.shape[1] + 1:]
         out = torch.cat([first[0], rest])[:n]
@@ -228,7 +233,8 @@ def run_eval(
                     "depth": sample.depth, "context_tokens": sample.context_tokens, "prediction": pred,
                     "answers": list(sample.answers), "seconds": time.perf_counter() - t0,
                     "device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"],
-                    "index_bytes": mem["index"], "policy_config": _policy_for(j, sample).to_config(),
+                    "index_bytes": mem["index"], "policy_config": _policy_for(j, sample).to_config()
+                    | ({"prefetch": j.prefetch} if j.prefetch != "off" else {}),
                     "question_hidden": j.hide_question, "git_sha": sha, "device": str(model.device),
                     "dtype": str(model.dtype).removeprefix("torch."),
                 }
