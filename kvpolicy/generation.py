@@ -82,13 +82,14 @@ def generate(
     tokenizer: Any = None,
     validate: bool = False,
     defer_insert: bool = False,
+    prefetch: str = "off",
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """Greedy (by default) generation with the KV cache under ``policy`` at ``budget`` tokens.
 
     ``tokenizer_or_inputs`` is a tokenizer (then ``prompt`` is required and the output is decoded), a dict
-    with ``input_ids`` or a ``[B, T]`` tensor of ids. ``budget=None`` means unlimited. ``defer_insert``: see
-    ``KVPolicyCache``.
+    with ``input_ids`` or a ``[B, T]`` tensor of ids. ``budget=None`` means unlimited. ``defer_insert`` and
+    ``prefetch``: see ``KVPolicyCache``.
     """
     check_model_supported(model.config)
     pol = Policy.resolve(policy, budget=budget)  # validated before anything runs
@@ -96,7 +97,7 @@ def generate(
     inputs = prepare_inputs(tokenizer_or_inputs, prompt, chat=chat, device=model.device)
     prompt_len = inputs["input_ids"].shape[1]
     previous = model.config._attn_implementation
-    cache = KVPolicyCache(model, pol, validate=validate, defer_insert=defer_insert)
+    cache = KVPolicyCache(model, pol, validate=validate, defer_insert=defer_insert, prefetch=prefetch)
     generate_kwargs.setdefault("do_sample", False)
     try:
         t0 = time.perf_counter()

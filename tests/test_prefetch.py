@@ -88,6 +88,18 @@ def test_estimate_is_the_next_layers_projection_of_this_layers_input():
     assert cache.layers[2].state.stats.prefetched_steps == 0  # layer 1 is dense: nothing estimates layer 2
 
 
+def test_generate_takes_the_prefetch_mode(model):
+    import kvpolicy
+
+    ids = _ids(500, seed=5)
+    a = kvpolicy.generate(model, ids, policy="icecache-reuse", budget=128, max_new_tokens=20)
+    b = kvpolicy.generate(model, ids, policy="icecache-reuse", budget=128, max_new_tokens=20, prefetch="follow")
+    assert torch.equal(a.token_ids, b.token_ids)
+    assert b.stats["prefetched_steps"] > 0 == a.stats["prefetched_steps"]
+    with pytest.raises(ValueError, match="unknown prefetch mode"):
+        kvpolicy.generate(model, ids, policy="icecache", budget=128, prefetch="later")
+
+
 def test_estimate_runs_within_the_budget_with_reuse(model):
     out, cache = _run(model, "icecache-reuse", "estimate", _ids(900, seed=2), n=24)
     assert out.shape[1] == 924
