@@ -12,6 +12,18 @@ from tests.conftest import tiny_model
 pytestmark = pytest.mark.cuda
 
 
+def _decode_each(model, ids, policy, n, variants):
+    """Greedy decoding of ``n`` tokens once per keyword set of ``KVPolicyCache``: (outputs, caches)."""
+    outs, caches = [], []
+    for kw in variants:
+        cache = KVPolicyCache(model, policy, **kw)
+        with torch.inference_mode():
+            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False))
+        caches.append(cache)
+    model.set_attn_implementation("sdpa")
+    return outs, caches
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("policy", ["full", "oracle", "streaming", "exact-topk", "icecache", "icecache-reuse"])
 def test_unlimited_budget_reproduces_dense_on_cuda(arch, policy):
@@ -51,13 +63,7 @@ def test_background_jobs_on_cuda_match_inline(preset, index_device):
     base = Policy.preset(preset, budget=128)
     pol = Policy.from_config({**base.to_config(), "index": {"name": "dci_tree", "device": index_device},
                               "dense_layers": [0]})
-    outs, caches = [], []
-    for overlap in (False, True):
-        cache = KVPolicyCache(model, pol, overlap=overlap)
-        with torch.inference_mode():
-            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False))
-        caches.append(cache)
-    model.set_attn_implementation("sdpa")
+    outs, caches = _decode_each(model, ids, pol, 40, [{"overlap": False}, {"overlap": True}])
     assert torch.equal(outs[0], outs[1])
     assert caches[1].stats()["pages_inserted"] == caches[0].stats()["pages_inserted"] > 0
 
@@ -276,13 +282,7 @@ def test_prefetched_followers_on_cuda_match_eager(transfer, index_device):
     model = tiny_model("llama", layers=8).cuda()  # anchors 2, 5; followers 3, 4, 6, 7
     ids = torch.randint(0, 128, (2, 700), generator=torch.Generator().manual_seed(5)).cuda()
     pol = Policy.resolve_placed(f"icecache-reuse@{index_device}:{transfer}", budget=128)
-    outs, caches = [], []
-    for mode in ("off", "follow", "estimate"):
-        cache = KVPolicyCache(model, pol, prefetch=mode)
-        with torch.inference_mode():
-            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=48, do_sample=False))
-        caches.append(cache)
-    model.set_attn_implementation("sdpa")
+    outs, caches = _decode_each(model, ids, pol, 48, [{"prefetch": m} for m in ("off", "follow", "estimate")])
     assert torch.equal(outs[0], outs[1])
     assert outs[2].shape == outs[0].shape  # the estimate changes anchor 5's pages: tokens may differ
     for cache in caches[1:]:

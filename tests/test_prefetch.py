@@ -7,15 +7,11 @@ import pytest
 import torch
 
 from kvpolicy.hf import KVPolicyCache
+from tests.conftest import tiny_model
 
 
-def _model(layers=8):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
+def _model():
+    return tiny_model("llama", layers=8)  # icecache-reuse: anchors 2, 5; followers 3, 4, 6, 7
 
 
 @pytest.fixture(scope="module")
