@@ -475,7 +475,7 @@ class PolicyLayer:
                 self._ahead_stream = torch.cuda.Stream(device=self.device)
             stream = self._ahead_stream
             # kernels on this stream come after everything queued so far, in particular after the main stream's
-            # last reads of memory that this stream's allocations may reuse (see _drop_ahead)
+            # last reads of memory that this stream's allocations may reuse (see _release_ahead)
             stream.wait_stream(torch.cuda.current_stream(self.device))
         t0 = self._now()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
