@@ -362,9 +362,8 @@ class PolicyLayer:
         """One decode step: append, select, reserve, transfer, attend, maybe insert a full window page."""
         if not self.prefilled:
             raise RuntimeError(f"layer {self.layer_idx}: decode before prefill")
+        self._check_query(query)
         B, H, D = self.shape
-        if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
-            raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
         if key.shape != (B, H, 1, D) or value.shape != (B, H, 1, D):
             raise ValueError(f"key/value must be [B={B}, Hkv={H}, 1, D={D}], got {tuple(key.shape)}")
         if self.cursor is not None:
@@ -460,14 +459,12 @@ class PolicyLayer:
         error in between) is dropped and its slots released."""
         if not self.prefilled or self.cuda_graphs:
             return False
+        if query is not None:
+            self._check_query(query)  # before anything changes: a bad query leaves the earlier prefetch in place
         self._drop_ahead()
         self._settle_for_prefetch()
         if not self.index.num_tokens:
             return False
-        if query is not None:
-            B, H, D = self.shape
-            if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
-                raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
         ctx = dataclasses.replace(self.context(scaling, prev_selection), seq_len=self.seq_len + 1)
         stream = event = None
         if self.device.type == "cuda":
@@ -489,6 +486,11 @@ class PolicyLayer:
         st.transfer_s += self._now() - t1
         self._ahead = (self.step, sel, res, handle, event)
         return True
+
+    def _check_query(self, query: torch.Tensor) -> None:
+        B, H, D = self.shape
+        if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
+            raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
 
     def _settle_for_prefetch(self) -> None:
         """Join the layer's background job before selecting ahead: the step would join it too (layers that
