@@ -101,7 +101,7 @@ def _row(t: dict, nbytes: int, **info) -> dict:
 
 
 def bench_attention(timer: Timer, budgets: list[int], contexts: list[int]) -> list[dict]:
-    from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+    from kvpolicy_kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 
     dev = "cuda"
     rows = []
@@ -141,7 +141,7 @@ def bench_attention(timer: Timer, budgets: list[int], contexts: list[int]) -> li
 
 
 def bench_copy(timer: Timer, C: int, ks: list[int]) -> list[dict]:
-    from kernels.page_copy import gather_pages, gather_pages_ref, scatter_pages, scatter_pages_ref
+    from kvpolicy_kernels.page_copy import gather_pages, gather_pages_ref, scatter_pages, scatter_pages_ref
 
     pool = _randn(B, HKV, C, S, D)
     rows = []
@@ -162,7 +162,7 @@ def bench_copy(timer: Timer, C: int, ks: list[int]) -> list[dict]:
 
 
 def bench_scores(timer: Timer, C: int, k: int) -> list[dict]:
-    from kernels.page_scores import (
+    from kvpolicy_kernels.page_scores import (
         exact_page_scores,
         exact_page_scores_ref,
         quest_page_scores,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels._checks import check_device, check_int, check_rank, check_shape
+from kvpolicy_kernels._checks import check_device, check_int, check_rank, check_shape
 
 __all__ = ["gather_pages", "gather_pages_ref", "scatter_pages", "scatter_pages_ref"]
 

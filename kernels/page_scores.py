@@ -18,8 +18,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from kvpolicy_kernels._checks import (
+    check_device,
+    check_int,
+    check_rank,
+    check_same_float,
+    check_shape,
+    interpreting,
+)
 
-from kernels._checks import check_device, check_int, check_rank, check_same_float, check_shape, interpreting
 from kvpolicy.ops import gqa_merge, topk_ids
 
 __all__ = [
@@ -149,7 +156,7 @@ def exact_page_scores(
     if done:
         return out
     if q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting()):
-        precision, dot_t = "ieee", tl.float32  # see kernels.paged_attention.dot_config
+        precision, dot_t = "ieee", tl.float32  # see kvpolicy_kernels.paged_attention.dot_config
     else:
         precision, dot_t = "tf32", tl.float16 if q.dtype == torch.float16 else tl.bfloat16
     _launch_exact(q, pool_k, lengths.contiguous(), out, H, G, C, S, D, pool_k.stride(), precision, dot_t, False)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from kvpolicy_kernels._checks import check_paged_attention_inputs, check_shape, interpreting
 
-from kernels._checks import check_paged_attention_inputs, check_shape, interpreting
 from kvpolicy.attention import paged_decode_attention as paged_decode_attention_ref
 
 __all__ = ["choose_pages_per_split", "dot_config", "paged_decode_attention_ref", "paged_decode_attention_triton"]

@@ -1,7 +1,7 @@
 """``uva``: the GPU reads the selected pages straight out of the pinned CPU pool (one kernel per layer-step).
 
 Where ``bulk_load`` gathers on the host (which needs the page ids on the host: a device-to-host read and a
-synchronisation per step), this transfer launches ``kernels.page_load`` on the current stream with the page
+synchronisation per step), this transfer launches ``kvpolicy_kernels.page_load`` on the current stream with the page
 ids and slots where they already are, on the device. Nothing waits for the device; ``wait`` has nothing to do
 (the copy is ordered before the attention on the same stream). Without CUDA, Triton, or a pinned source pool
 it falls back to the plain copy of ``sync``.
@@ -57,7 +57,7 @@ class UVATransfer(Transfer):
             raise ValueError(
                 f"src_ids {tuple(src_ids.shape)} and dst_slots {tuple(dst_slots.shape)} must both be [B, Hkv, K]"
             )
-        from kernels.page_load import load_pages
+        from kvpolicy_kernels.page_load import load_pages
 
         dev = dst_pool.device
         ids = src_ids.to(dev, torch.int64, non_blocking=True)

@@ -52,14 +52,14 @@ def decode_attention(
     softcap: float | None = None,
     win_len: torch.Tensor | None = None,  # [1] int: only the first win_len window tokens count (device-side)
 ) -> torch.Tensor:  # [B, Hq, D]
-    """``paged_decode_attention`` through the Triton kernel (``kernels.paged_attention``) on CUDA when triton
+    """``paged_decode_attention`` through the Triton kernel (``kvpolicy_kernels.paged_attention``) on CUDA when triton
     is installed, else through the torch reference; ``KVPOLICY_ATTENTION`` overrides (``attention_backend``).
 
     The two agree up to float rounding, except on a row with nothing to attend to (no sink, no window and no
     valid selected token): Triton returns zeros there, the reference NaN."""
     args = (q, sink_k, sink_v, slot_k, slot_v, slot_len, slots, win_k, win_v, scaling, softcap)
     if attention_backend(q) == "triton":
-        from kernels.paged_attention import paged_decode_attention_triton
+        from kvpolicy_kernels.paged_attention import paged_decode_attention_triton
 
         return paged_decode_attention_triton(*args, win_len=win_len)
     return paged_decode_attention(*args, win_len=win_len)

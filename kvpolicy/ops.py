@@ -44,11 +44,11 @@ def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
     Ranks are interleaved (rank 0 of every head of the group, then rank 1, ...) and the first ``k`` distinct
     pages are kept, as in IceCache's reference decode loop (source: yuzhenmao/IceCache, ``gqa`` merge in
     ``infer_state.py``). ranked: [B, Hkv, G, R] int64 PAD-padded, best first -> [B, Hkv, min(k, G*R)].
-    On CUDA with triton installed (and ``G * R <= kernels.gqa_merge.MAX_ENTRIES``) one kernel does it
-    (``kernels.gqa_merge``); ``gqa_merge_reference`` is the definition.
+    On CUDA with triton installed (and ``G * R <= kvpolicy_kernels.gqa_merge.MAX_ENTRIES``) one kernel does it
+    (``kvpolicy_kernels.gqa_merge``); ``gqa_merge_reference`` is the definition.
     """
     if ranked.is_cuda and triton_available():
-        from kernels.gqa_merge import MAX_ENTRIES, gqa_merge_triton
+        from kvpolicy_kernels.gqa_merge import MAX_ENTRIES, gqa_merge_triton
 
         if ranked.shape[-2] * ranked.shape[-1] <= MAX_ENTRIES:
             return gqa_merge_triton(ranked, k)

@@ -114,7 +114,7 @@ def _random_levels(n: int, ratio_1: float, ratio_2: float, seed: int, max_levels
 def _triton_interpreting() -> bool:
     if not triton_available():
         return False
-    from kernels._checks import interpreting
+    from kvpolicy_kernels._checks import interpreting
 
     return interpreting()
 
@@ -184,7 +184,7 @@ class DCITreeIndex(Index):
     sync; on CUDA it is captured once into a CUDA graph and replayed, ``cuda_graphs=True``, re-captured only when
     a table is reallocated). On CUDA (``fused_scores=None``: when triton is installed; ``True`` forces it, e.g.
     under the Triton interpreter, ``False`` never) the page maxima come from one Triton kernel that reads the
-    keys through the page table, ``kernels.page_scores.token_page_scores``, instead of an fp32 copy of every key
+    keys through the page table, ``kvpolicy_kernels.page_scores.token_page_scores``, instead of an fp32 copy of every key
     and a scatter; only the centres are scored by ``bmm`` (from a float32 copy of each level's centre keys), and
     only the pages of the scanned cells are read. ``"auto"`` (default) takes ``"masked"`` on CUDA unless
     pruning is asked for, ``"beam"`` on the CPU
@@ -1094,7 +1094,7 @@ class DCITreeIndex(Index):
     def _page_maxima(self, q: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
         """Best token score of each page by the fused kernel, keys read in place through the page table:
         q [BH, G, D] float32, load [BH, P*] bool (pages to read; None: all) -> [BH, G, P*]."""
-        from kernels.page_scores import token_page_scores
+        from kvpolicy_kernels.page_scores import token_page_scores
 
         return token_page_scores(q.contiguous(), self._keys[:, None], self._page_tok[:, None],
                                  None if load is None else load[:, None])

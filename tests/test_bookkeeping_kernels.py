@@ -1,5 +1,5 @@
-"""Bookkeeping kernels of the decode path against their torch definitions: kernels.lru_reserve (the one-launch
-LRU reservation, against the torch ``lru`` allocator) and kernels.gqa_merge (against ``ops.gqa_merge_reference``).
+"""Bookkeeping kernels of the decode path against their torch definitions: kvpolicy_kernels.lru_reserve (the one-launch
+LRU reservation, against the torch ``lru`` allocator) and kvpolicy_kernels.gqa_merge (against ``ops.gqa_merge_reference``).
 
 Both allocators run the same random sequence of reserve / release / invalidate calls (hits, misses, evictions,
 pinned slots, PAD entries, unsorted selections) and must return the same reservations and hold the same tables
@@ -93,7 +93,7 @@ def test_kernel_choice_defaults():
 
 def test_kernel_launcher_rejects_bad_tables():
     pytest.importorskip("triton", reason="triton is not installed")
-    from kernels.lru_reserve import MAX_SLOTS, lru_reserve
+    from kvpolicy_kernels.lru_reserve import MAX_SLOTS, lru_reserve
 
     sp = torch.full((1, 1, MAX_SLOTS + 2), -1, dtype=torch.int64)
     with pytest.raises(ValueError, match="at most"):
@@ -131,7 +131,7 @@ _MERGE_INTERP = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, "tests")
     from test_bookkeeping_kernels import merge_cases
-    from kernels.gqa_merge import gqa_merge_triton
+    from kvpolicy_kernels.gqa_merge import gqa_merge_triton
     from kvpolicy.ops import gqa_merge_reference
     for ranked, k in merge_cases("cpu"):
         a, b = gqa_merge_triton(ranked, k), gqa_merge_reference(ranked, k)
@@ -149,7 +149,8 @@ def test_gqa_merge_kernel_matches_the_reference_in_the_triton_interpreter():
 def test_gqa_merge_kernel_matches_the_reference_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from kernels.gqa_merge import gqa_merge_triton
+    from kvpolicy_kernels.gqa_merge import gqa_merge_triton
+
     from kvpolicy.ops import gqa_merge, gqa_merge_reference
 
     for ranked, k in merge_cases("cuda"):

@@ -242,7 +242,8 @@ def test_registered_host_memory_is_pinned_and_reaches_the_gpu(monkeypatch):
 
     monkeypatch.setenv(PIN_ENV, "register")
 
-    from kernels.page_load import load_pages
+    from kvpolicy_kernels.page_load import load_pages
+
     from kvpolicy.host_memory import pinned_empty
     from kvpolicy.pool import PagePool
     from kvpolicy.types import PAD

@@ -319,7 +319,7 @@ print("ok")
 
 
 def test_fused_page_scores_select_what_the_dense_scan_selects():
-    """The masked search with page maxima from kernels.page_scores.token_page_scores (Triton interpreter, CPU)
+    """The masked search with page maxima from kvpolicy_kernels.page_scores.token_page_scores (Triton interpreter, CPU)
     selects what it selects from the dense fp32 scan, also after insertions, with the keys in the index's
     store or read from the host store (``keys_on_host``: centre scores from their own copy, only scanned
     pages read)."""

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kvpolicy_kernels._checks import check_paged_attention_inputs
 
-from kernels._checks import check_paged_attention_inputs
 from kvpolicy import attention as attn
 from kvpolicy.attention import attention_backend, decode_attention, paged_decode_attention
 from kvpolicy.ops import gqa_merge
@@ -99,7 +99,7 @@ ATTN_CASES = [  # (Ts, Tw, N, S, K): sink/window empty or not, K from 0 to 300 (
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "Ts{}-Tw{}-N{}-S{}-K{}".format(*c))
 def test_paged_attention_matches_reference_cuda(case, D, Hq, dtype):
-    from kernels.paged_attention import paged_decode_attention_triton
+    from kvpolicy_kernels.paged_attention import paged_decode_attention_triton
 
     Ts, Tw, N, S, K = case
     args = attention_inputs(2, 2, Hq // 2, D, Ts, Tw, N, S, K, dtype=dtype, device="cuda", seed=K + D + Hq)
@@ -115,7 +115,7 @@ def test_paged_attention_matches_reference_cuda(case, D, Hq, dtype):
 @pytest.mark.parametrize("pps", [1, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_paged_attention_splits_dtypes_and_empty_rows_cuda(pps, dtype):
-    from kernels.paged_attention import paged_decode_attention_triton
+    from kvpolicy_kernels.paged_attention import paged_decode_attention_triton
 
     args = attention_inputs(3, 2, 4, 64, 0, 0, 100, 16, 90, dtype=dtype, device="cuda", empty_rows=[(1, 0), (2, 1)])
     out = torch.full_like(args[0], float("nan"))
@@ -130,7 +130,7 @@ def test_paged_attention_splits_dtypes_and_empty_rows_cuda(pps, dtype):
 def test_paged_attention_strided_views_and_dispatch_cuda():
     """Views as the layer passes them (window slice of a larger buffer, query transposed) need no copies;
     ``decode_attention`` routes CUDA tensors to Triton and agrees with the reference."""
-    from kernels.paged_attention import paged_decode_attention_triton
+    from kvpolicy_kernels.paged_attention import paged_decode_attention_triton
 
     q, sk, sv, pk, pv, sl, slots, wk, wv = attention_inputs(2, 8, 4, 128, 32, 16, 300, 16, 250, dtype=torch.bfloat16,
                                                             device="cuda")
@@ -147,7 +147,7 @@ def test_paged_attention_strided_views_and_dispatch_cuda():
 @pytest.mark.cuda
 @needs_triton
 def test_paged_attention_empty_inputs_cuda():
-    from kernels.paged_attention import paged_decode_attention_triton
+    from kvpolicy_kernels.paged_attention import paged_decode_attention_triton
 
     for Ts, Tw, N, K in [(0, 0, 0, 0), (0, 0, 5, 0), (0, 0, 5, 3)]:
         args = attention_inputs(1, 2, 4, 64, Ts, Tw, N, 16, K, device="cuda", drop=1.0)
@@ -163,7 +163,7 @@ def test_paged_attention_empty_inputs_cuda():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 3, 50, 16, 128, 7), (1, 8, 1000, 16, 64, 3), (2, 2, 9, 5, 24, 0)])
 def test_page_copy_matches_reference_cuda(shape, dtype):
-    from kernels.page_copy import gather_pages, gather_pages_ref, scatter_pages, scatter_pages_ref
+    from kvpolicy_kernels.page_copy import gather_pages, gather_pages_ref, scatter_pages, scatter_pages_ref
 
     B, H, C, S, D, K = shape
     g = torch.Generator().manual_seed(C)
@@ -182,7 +182,7 @@ def test_page_copy_matches_reference_cuda(shape, dtype):
 @pytest.mark.parametrize("Hq", [2, 8, 14])
 @pytest.mark.parametrize("D", [64, 128])
 def test_page_scores_match_reference_cuda(D, Hq, dtype):
-    from kernels.page_scores import (
+    from kvpolicy_kernels.page_scores import (
         exact_page_scores,
         exact_page_scores_ref,
         quest_page_scores,
@@ -228,7 +228,7 @@ def token_pages(B, H, T, C, S, g) -> torch.Tensor:
 def check_token_page_scores(q, keys, page_tok) -> None:
     """The kernel against its reference, over all pages and under a random page mask (pages left out score
     -inf, the others exactly as without the mask)."""
-    from kernels.page_scores import token_page_scores, token_page_scores_ref
+    from kvpolicy_kernels.page_scores import token_page_scores, token_page_scores_ref
 
     got, ref = token_page_scores(q, keys, page_tok), token_page_scores_ref(q, keys, page_tok)
     assert torch.equal(torch.isneginf(got), torch.isneginf(ref)) and torch.isneginf(ref).any()
@@ -247,7 +247,7 @@ def check_token_page_scores(q, keys, page_tok) -> None:
 @pytest.mark.cuda
 @needs_triton
 def test_window_length_on_the_device_cuda():
-    from kernels.paged_attention import paged_decode_attention_triton
+    from kvpolicy_kernels.paged_attention import paged_decode_attention_triton
 
     check_window_length(paged_decode_attention_triton, device="cuda")
 
@@ -295,7 +295,7 @@ def _interpret(check: str) -> None:
 def _interpreter_check(check: str) -> None:  # runs in the child, TRITON_INTERPRET=1
     assert os.environ.get("TRITON_INTERPRET") == "1"
     if check == "attention":
-        from kernels.paged_attention import paged_decode_attention_triton
+        from kvpolicy_kernels.paged_attention import paged_decode_attention_triton
 
         cases = [  # (B, Hkv, G, D, Ts, Tw, N, S, K, dtype, softcap, pps, empty_rows)
             (1, 2, 4, 16, 3, 2, 12, 4, 9, torch.float32, None, None, ()),
@@ -324,7 +324,12 @@ def _interpreter_check(check: str) -> None:  # runs in the child, TRITON_INTERPR
         args = (q_t, sk, sv, pk, pv, sl, slots.int(), wk_t, wv)  # strided q / window, int32 slots: still right
         check_attention(paged_decode_attention_triton(*args, 0.25), args, 0.25, None, atol=2e-5, rtol=1e-4)
     elif check == "copy":
-        from kernels.page_copy import gather_pages, gather_pages_ref, scatter_pages, scatter_pages_ref
+        from kvpolicy_kernels.page_copy import (
+            gather_pages,
+            gather_pages_ref,
+            scatter_pages,
+            scatter_pages_ref,
+        )
 
         g = torch.Generator().manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16):
@@ -338,7 +343,7 @@ def _interpreter_check(check: str) -> None:  # runs in the child, TRITON_INTERPR
             strided = pool.transpose(3, 4).contiguous().transpose(3, 4)  # any strides, no copies
             assert torch.equal(gather_pages(strided, ids), gather_pages_ref(pool, ids))
     elif check == "scores":
-        from kernels.page_scores import (
+        from kvpolicy_kernels.page_scores import (
             exact_page_scores,
             exact_page_scores_ref,
             quest_page_scores,
@@ -490,8 +495,8 @@ def test_attention_input_errors():
 
 @needs_triton
 def test_copy_and_score_references_match_naive_loops():
-    from kernels.page_copy import gather_pages_ref, scatter_pages_ref
-    from kernels.page_scores import exact_page_scores_ref, quest_page_scores_ref, topk_pages
+    from kvpolicy_kernels.page_copy import gather_pages_ref, scatter_pages_ref
+    from kvpolicy_kernels.page_scores import exact_page_scores_ref, quest_page_scores_ref, topk_pages
 
     g = torch.Generator().manual_seed(3)
     B, H, C, S, D, K = 2, 3, 9, 4, 5, 6
@@ -540,8 +545,8 @@ def test_copy_and_score_references_match_naive_loops():
 
 @needs_triton
 def test_copy_and_score_input_errors():
-    from kernels.page_copy import gather_pages, scatter_pages
-    from kernels.page_scores import exact_page_scores, quest_page_scores
+    from kvpolicy_kernels.page_copy import gather_pages, scatter_pages
+    from kvpolicy_kernels.page_scores import exact_page_scores, quest_page_scores
 
     pool = torch.zeros(1, 2, 4, 16, 8)
     ids = torch.zeros(1, 2, 3, dtype=torch.int64)

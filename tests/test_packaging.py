@@ -1,37 +1,53 @@
-"""Packaging: the top-level ``kernels`` package must not switch on transformers' hub-kernels integration."""
+"""Packaging: the Triton kernels install as ``kvpolicy_kernels`` and never shadow Hugging Face's ``kernels``
+distribution (which transformers >= 5.25 imports when it loads), from any working directory."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_transformers_kernels_integration_stays_off():
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+
+
+def test_no_top_level_kernels_package_in_the_repository():
+    # kernels/ is a plain folder (no __init__.py): from the repository root it can only be a namespace portion,
+    # which any installed regular package named `kernels` takes precedence over
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    spec = importlib.util.find_spec("kvpolicy_kernels.plugin")
+    assert spec is not None and Path(spec.origin).parent == REPO / "kernels"
+
+
+@pytest.mark.parametrize("where", ["repo", "elsewhere"])
+def test_transformers_kvpolicy_and_hub_kernels_in_one_process(where, tmp_path):
+    cwd = REPO if where == "repo" else tmp_path
+    hub = importlib.util.find_spec("kernels") is not None and _run(
+        "import kernels, sys; sys.exit(0 if hasattr(kernels, 'get_kernel') else 1)", tmp_path).returncode == 0
     code = (
-        "import kernels, transformers;"
-        "from transformers.utils import import_utils as iu;"
-        "from transformers.integrations import hub_kernels as hk;"
-        "assert not iu.is_kernels_available(), 'transformers sees kvpolicy kernels as hub kernels';"
-        "assert not hk.is_kernels_available();"
-        "import transformers.models.llama.modeling_llama as m;"
-        "print('ok')"
+        "import transformers, kvpolicy, kvpolicy_kernels.plugin;"
+        "import transformers.models.llama.modeling_llama;"
+        "from kvpolicy.hf import register_attention; register_attention();"
+        + ("import kernels; assert hasattr(kernels, 'get_kernel'), kernels.__file__;" if hub else "")
+        + "print('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    out = _run(code, cwd)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
 
 
-def test_kernels_import_is_light():
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys, kernels; print('triton' in sys.modules, 'transformers' in sys.modules)"],
-        capture_output=True, text=True,
-    )
+def test_kernels_import_is_light(tmp_path):
+    out = _run("import sys, kvpolicy_kernels.plugin; print('triton' in sys.modules, 'transformers' in sys.modules)",
+               tmp_path)
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
-def test_kvpolicy_import_does_not_load_transformers():
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys, kvpolicy; kvpolicy.get_registry(); print('transformers' in sys.modules)"],
-        capture_output=True, text=True,
-    )
+def test_kvpolicy_import_does_not_load_transformers(tmp_path):
+    out = _run("import sys, kvpolicy; kvpolicy.get_registry(); print('transformers' in sys.modules)", tmp_path)
     assert out.stdout.strip() == "False", out.stderr

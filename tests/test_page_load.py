@@ -1,4 +1,4 @@
-"""kernels.page_load and the ``uva`` transfer: the kernel against its torch reference (Triton interpreter on
+"""kvpolicy_kernels.page_load and the ``uva`` transfer: the kernel against its torch reference (Triton interpreter on
 CPU, compiled on CUDA with a pinned host source), the transfer's CPU fallback, and whole-policy equivalence."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kvpolicy.pool import PagePool
 _INTERP = textwrap.dedent(
     """
     import torch, triton
-    from kernels.page_load import _load_pages_kernel, load_pages_reference
+    from kvpolicy_kernels.page_load import _load_pages_kernel, load_pages_reference
     torch.manual_seed(0)
     for (B, H, C, N, S, D, K, blk) in [(2, 3, 10, 5, 4, 8, 4, 16), (1, 2, 7, 7, 16, 4, 7, 32), (1, 1, 3, 2, 2, 2, 0, 4)]:
         sk, sv = torch.randn(B, H, C, S, D), torch.randn(B, H, C, S, D)
@@ -59,7 +59,8 @@ def _pools(B=1, H=2, C=12, N=6, S=4, D=8, dtype=torch.float32, dst_device="cpu",
 
 
 def test_uva_transfer_falls_back_to_a_plain_copy_on_cpu():
-    from kernels.uva_transfer import UVATransfer
+    from kvpolicy_kernels.uva_transfer import UVATransfer
+
     from kvpolicy.reference.sync_transfer import SyncTransfer
 
     torch.manual_seed(1)
@@ -80,7 +81,7 @@ def test_uva_transfer_falls_back_to_a_plain_copy_on_cpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("S,D", [(16, 128), (16, 64), (1, 64)])
 def test_page_load_from_pinned_host_is_bit_exact(dtype, S, D):
-    from kernels.page_load import load_pages, load_pages_reference
+    from kvpolicy_kernels.page_load import load_pages, load_pages_reference
 
     torch.manual_seed(2)
     B, H, C, N, K = 2, 4, 64, 24, 20
@@ -102,7 +103,7 @@ def test_page_load_from_pinned_host_is_bit_exact(dtype, S, D):
 
 @pytest.mark.cuda
 def test_page_load_rejects_pageable_host_memory():
-    from kernels.page_load import load_pages
+    from kvpolicy_kernels.page_load import load_pages
 
     src, dst = _pools(dst_device="cuda", pin=False)
     ids = torch.zeros((1, 2, 1), dtype=torch.int64, device="cuda")

@@ -24,7 +24,7 @@ class ExactIndex(Index):
     indexes are measured against (recall@k).
 
     On CUDA (with triton) ``search`` scores the pages with the fused kernel
-    ``kernels.page_scores.exact_page_scores`` over the key store viewed as pages of its whole capacity, with the
+    ``kvpolicy_kernels.page_scores.exact_page_scores`` over the key store viewed as pages of its whole capacity, with the
     valid length of each page kept on the device: fixed shapes and storage between growths, so the search is
     capturable (``capture_key``). The query is taken in the keys' dtype there (what a model produces);
     ``page_scores`` keeps the float32 torch computation.
@@ -159,7 +159,7 @@ class ExactIndex(Index):
 
     def search(self, queries: torch.Tensor, k: int, *, params: SearchParams | None = None) -> Selection:
         if self._fused() and self._n:
-            from kernels.page_scores import exact_page_scores
+            from kvpolicy_kernels.page_scores import exact_page_scores
 
             self._check_queries(queries)
             B, H, cap, D = self._keys.shape

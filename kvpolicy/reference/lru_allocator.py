@@ -24,9 +24,9 @@ class LRUAllocator(PageAllocator):
     entries are scattered into, instead of boolean indexing. ``check`` (default: on for CPU tables) turns on
     the contract checks that need such reads (too many pages for the slots, double release).
 
-    ``kernel``: reserve through the one-launch Triton kernel ``kernels.lru_reserve`` (same result as the
+    ``kernel``: reserve through the one-launch Triton kernel ``kvpolicy_kernels.lru_reserve`` (same result as the
     torch code below, which is its reference). ``None`` (default): on CUDA tables when triton is installed,
-    checks are off and the row has at most ``kernels.lru_reserve.MAX_SLOTS`` slots; ``True`` forces it
+    checks are off and the row has at most ``kvpolicy_kernels.lru_reserve.MAX_SLOTS`` slots; ``True`` forces it
     (the Triton interpreter runs it on CPU), ``False`` never.
     """
 
@@ -91,7 +91,7 @@ class LRUAllocator(PageAllocator):
             return self.kernel
         if self.device.type != "cuda" or self._checking or not triton_available():
             return False
-        from kernels.lru_reserve import MAX_SLOTS
+        from kvpolicy_kernels.lru_reserve import MAX_SLOTS
 
         return N <= MAX_SLOTS
 
@@ -113,7 +113,7 @@ class LRUAllocator(PageAllocator):
         if not self._sized and ids.numel():
             self._grow(int(ids.max()) + 1)
         if self._use_kernel(N):
-            from kernels.lru_reserve import lru_reserve
+            from kvpolicy_kernels.lru_reserve import lru_reserve
 
             ids = ids.long().contiguous()
             self._clock += 1
