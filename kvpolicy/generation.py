@@ -11,7 +11,33 @@ import torch
 from kvpolicy.hf import KVPolicyCache, check_model_supported
 from kvpolicy.policy import Policy
 
-__all__ = ["GenerationResult", "generate", "prepare_inputs"]
+__all__ = ["GenerationResult", "generate", "prefill", "prepare_inputs"]
+
+
+@torch.inference_mode()
+def prefill(model: Any, cache: Any, input_ids: torch.Tensor, chunk: int | None, *, progress: bool = False):
+    """Run ``input_ids`` ``[B, T]`` through ``model`` into ``cache`` (any transformers cache that holds earlier
+    tokens or none), ``chunk`` tokens per forward (``None``: one forward). Returns the last position's logits
+    ``[B, vocab]``. With the ``kvpolicy`` attention, no forward builds a mask over earlier tokens and a policy
+    layer streams its earlier pages back from the CPU pool (``kvpolicy.streamed_prefill``)."""
+    T = input_ids.shape[1]
+    if T == 0:
+        raise ValueError("prefill of an empty prompt")
+    step = chunk or T
+    starts = range(0, T, step)
+    bar = None
+    if progress and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=T, desc="prefill", unit="tok", unit_scale=True)
+    out = None
+    for s in starts:
+        out = model(input_ids=input_ids[:, s : s + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if bar is not None:
+            bar.update(min(step, T - s))
+    if bar is not None:
+        bar.close()
+    return out.logits[:, -1]
 
 
 @dataclass
@@ -36,7 +62,17 @@ class GenerationResult:
             f"({self.new_tokens / max(self.seconds, 1e-9):.1f} tok/s) | budget {self.budget} | "
             f"KV on device {mib(m.get('device_kv', 0))}, KV on CPU {mib(m.get('cpu_kv', 0))}, "
             f"index {mib(m.get('index', 0))} ({mib(m.get('index_on_device', 0))} of it on the device)"
+            + self._covered_note()
         )
+
+    def _covered_note(self) -> str:
+        covered, steps = int(self.stats.get("covered_steps", 0)), int(self.stats.get("steps", 0))
+        if not covered:
+            return ""
+        # covered_steps is summed over policy layers, steps counted once: every layer covers the same steps
+        layers = max(1, round(covered / steps)) if steps else 1
+        return (f" | the budget held the whole context for {covered // layers} of {steps} steps "
+                "(every page attended)")
 
 
 def prepare_inputs(tokenizer_or_inputs: Any, prompt: str | None, *, chat: bool, device) -> dict[str, torch.Tensor]:
@@ -83,13 +119,16 @@ def generate(
     validate: bool = False,
     defer_insert: bool = False,
     prefetch: str = "off",
+    prefill_chunk: int | None | str = "auto",
+    progress: bool = False,
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """Greedy (by default) generation with the KV cache under ``policy`` at ``budget`` tokens.
 
     ``tokenizer_or_inputs`` is a tokenizer (then ``prompt`` is required and the output is decoded), a dict
-    with ``input_ids`` or a ``[B, T]`` tensor of ids. ``budget=None`` means unlimited. ``defer_insert`` and
-    ``prefetch``: see ``KVPolicyCache``.
+    with ``input_ids`` or a ``[B, T]`` tensor of ids. ``budget=None`` means unlimited. ``defer_insert``,
+    ``prefetch`` and ``prefill_chunk`` (the prompt streams in, ``prefill_chunk`` tokens per forward): see
+    ``KVPolicyCache``. ``progress`` shows a bar over the prompt's chunks.
     """
     check_model_supported(model.config)
     pol = Policy.resolve(policy, budget=budget)  # validated before anything runs
@@ -97,10 +136,14 @@ def generate(
     inputs = prepare_inputs(tokenizer_or_inputs, prompt, chat=chat, device=model.device)
     prompt_len = inputs["input_ids"].shape[1]
     previous = model.config._attn_implementation
-    cache = KVPolicyCache(model, pol, validate=validate, defer_insert=defer_insert, prefetch=prefetch)
+    cache = KVPolicyCache(model, pol, validate=validate, defer_insert=defer_insert, prefetch=prefetch,
+                          prefill_chunk=prefill_chunk)
     generate_kwargs.setdefault("do_sample", False)
     try:
         t0 = time.perf_counter()
+        chunk = cache.prefill_chunk
+        if chunk and prompt_len > chunk:  # stream all but the last chunk; generate() runs that one and decodes
+            prefill(model, cache, inputs["input_ids"][:, : (prompt_len - 1) // chunk * chunk], chunk, progress=progress)
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, **generate_kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()

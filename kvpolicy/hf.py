@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 
+from kvpolicy.chunk_attention import partial_attention
 from kvpolicy.errors import UnsupportedModelError
 from kvpolicy.layer import DecodeCursor, PolicyLayer
 from kvpolicy.policy import Policy
 from kvpolicy.prefetch import NextQueryEstimator, check_prefetch_mode
 from kvpolicy.reference.mirror_index import MirrorIndex
+from kvpolicy.streamed_prefill import check_extend
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "kvpolicy"
+DEFAULT_PREFILL_CHUNK = 8192  # tokens per forward of a streamed prefill
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
 
 _handoff = threading.local()
@@ -53,20 +56,54 @@ def register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, kvpolicy_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask_function(sdpa_mask))
     _registered = True
+
+
+def _mask_function(sdpa_mask):
+    """transformers' SDPA mask, except for a plain causal mask of a multi-token forward over earlier tokens (a
+    prompt chunk after the first, a continued prompt) without padding: then no ``[queries, keys]`` mask is built
+    (it would be 4 GiB for an 8k chunk at 512k tokens) and ``kvpolicy_attention`` applies the causality itself."""
+    from transformers.masking_utils import causal_mask_function
+
+    def mask(*args, **kwargs):
+        q_len = kwargs.get("q_length")
+        if q_len is None and kwargs.get("cache_position") is not None:  # transformers < 5.20
+            q_len = kwargs["cache_position"].shape[0]
+        pad = kwargs.get("attention_mask")
+        if (not args and q_len is not None and q_len > 1 and kwargs.get("kv_length", 0) > q_len
+                and kwargs.get("kv_offset", 0) == 0 and kwargs.get("mask_function") is causal_mask_function
+                and (pad is None or bool(pad.all()))):
+            return None
+        return sdpa_mask(*args, **kwargs)
+
+    return mask
 
 
 def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function. query: [B, Hq, q_len, D]; returns ([B, q_len, Hq, D], None)."""
     pending = getattr(_handoff, "item", None)
     _handoff.item = None
+    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
     if pending is None:
+        L = query.shape[2]
+        if attention_mask is None and L > 1 and key.shape[2] > L:  # a layer of its own cache (dense, sliding)
+            past = partial_attention(query, key[:, :, :-L], value[:, :, :-L], scale=scale, softcap=kwargs.get("softcap"))
+            own = partial_attention(query, key[:, :, -L:], value[:, :, -L:], scale=scale, causal=True,
+                                    softcap=kwargs.get("softcap"))
+            return own.merge(past).out.to(query.dtype).transpose(1, 2).contiguous(), None
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    if pending[0] == "extend":  # a prompt chunk on a policy layer that holds tokens
+        _, layer, k_new, v_new = pending
+        _check_layer(module, layer)
+        if attention_mask is not None:
+            raise ValueError(f"layer {layer.state.layer_idx}: a continued prompt with an attention mask (padding) "
+                             "is not supported")
+        return layer.state.extend(query, k_new, v_new, scaling=scale, softcap=kwargs.get("softcap")), None
     if pending[0] == "prefill":  # a selector that scores the prompt's queries: prefill after SDPA
         _, layer, k_all, v_all = pending
         _check_layer(module, layer)
@@ -78,7 +115,6 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
     _, layer, k_new, v_new = pending
     _check_layer(module, layer)
     cache = layer.cache
-    scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
     step = layer.state.step
     prev = cache.step_selection
     out = layer.state.decode(
@@ -151,11 +187,10 @@ class PolicyCacheLayer(_layer_base()):
                 self.prefill(key_states, value_states)
                 _handoff.item = None
             return key_states, value_states
-        if key_states.shape[2] != 1:
-            raise NotImplementedError(
-                f"layer {self.state.layer_idx}: decoding {key_states.shape[2]} tokens per step is not supported "
-                "by KVPolicyCache (one token per step after the prefill)"
-            )
+        if key_states.shape[2] != 1:  # the next prompt chunk, or a continued prompt
+            check_extend(self.state, key_states)  # before any state changes
+            _handoff.item = ("extend", self, key_states, value_states)
+            return key_states, value_states
         _handoff.item = ("decode", self, key_states, value_states)
         return key_states, value_states
 
@@ -232,6 +267,10 @@ class KVPolicyCache(_get_dynamic_cache()):
     ``"follow"`` (layers that reuse another layer's selection, as soon as it is made; exact) or ``"estimate"``
     (also every other policy layer after a policy layer, with IceCache's next-layer query estimate;
     approximate; needs the model, not its config). Not with ``defer_insert``; skipped in CUDA-graph steps.
+    ``prefill_chunk``: tokens per forward when a prompt is streamed in (``kvpolicy.generation.prefill``;
+    ``"auto"``: 8192 where every policy layer can take a multi-token forward after its first, else ``None``, one
+    forward). Whatever the chunking, a multi-token forward on a layer that holds tokens (the next chunk, or a
+    continued prompt) attends exactly to all of them (``kvpolicy.streamed_prefill``).
     """
 
     def __init__(
@@ -244,6 +283,7 @@ class KVPolicyCache(_get_dynamic_cache()):
         overlap: bool = True,
         defer_insert: bool = False,
         prefetch: str = "off",
+        prefill_chunk: int | None | str = "auto",
     ):
         config = getattr(model_or_config, "config", model_or_config)
         check_model_supported(config)
@@ -282,9 +322,34 @@ class KVPolicyCache(_get_dynamic_cache()):
                 self.layers[i].state.defer_insert = True
                 self.layers[i].state.cursor = cursor
         self._setup_prefetch(model_or_config, check_prefetch_mode(prefetch), defer_insert)
+        self.prefill_chunk = self._resolve_chunk(prefill_chunk)
         register_attention()
         if hasattr(model_or_config, "set_attn_implementation"):
             model_or_config.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def can_extend(self) -> str | None:
+        """None if every policy layer can take a multi-token forward after its prefill (a streamed prefill's
+        next chunk, a continued prompt), else why not."""
+        for i in self.policy_layers:
+            st = self.layers[i].state
+            if not st.index.supports_add:
+                return f"index {st.index.name!r} cannot add pages"
+            if st.selector.needs_prompt_queries:
+                return f"selector {st.selector.name!r} scores the whole prompt's queries at prefill"
+        return None
+
+    def _resolve_chunk(self, chunk: int | None | str) -> int | None:
+        if chunk == "auto":  # stream when the policy can; one-shot otherwise
+            return None if self.can_extend() else DEFAULT_PREFILL_CHUNK
+        if chunk is None:
+            return None
+        S = self.policy.page_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0 or chunk % S:
+            raise ValueError(f"prefill_chunk must be a positive multiple of the page size {S} (or None), got {chunk!r}")
+        why = self.can_extend()
+        if why:
+            raise ValueError(f"prefill_chunk={chunk}: {why}, so the prompt cannot be streamed; use prefill_chunk=None")
+        return chunk
 
     def _setup_prefetch(self, model_or_config, mode: str, defer_insert: bool) -> None:
         self.prefetch_mode = mode

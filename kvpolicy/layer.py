@@ -77,6 +77,8 @@ class LayerStats:
     wait_s: float = 0.0  # time the decode path waited for a background job (prefill build or page insertion)
     deferred_steps: int = 0  # steps that ran beside a queued insertion, its page attended from the window
     prefetched_steps: int = 0  # steps whose pages were selected and loaded ahead (``prefetch``)
+    covered_steps: int = 0  # steps whose whole context fitted in the budget: every page attended
+    prompt_chunks: int = 0  # multi-token forwards after the first (streamed prefill, continued prompts)
 
     def as_dict(self) -> dict[str, float]:
         """The counters as numbers (counters that a transfer keeps on the device are read back here)."""
@@ -131,6 +133,7 @@ class PolicyLayer:
         self._win_len_t = None  # [1] int64 device copy of win_len, read by the captured attention
         self._ahead = None  # (step, selection, reservation, transfer handle, event) made by prefetch()
         self._ahead_stream = None  # CUDA stream that prefetch() runs on
+        self._prefill_stream = None  # CUDA stream that streams pool blocks back for a prompt chunk (extend)
 
     def reset(self) -> None:
         with contextlib.suppress(Exception):  # a failed job's error is moot once the layer is reset
@@ -164,10 +167,7 @@ class PolicyLayer:
         if keys.shape != values.shape:
             raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape")
         if self.prefilled:
-            raise NotImplementedError(
-                f"layer {self.layer_idx}: a second multi-token forward (chunked prefill or a continued prompt) "
-                "is not supported by KVPolicyCache; start a new cache"
-            )
+            raise RuntimeError(f"layer {self.layer_idx}: prefill of a layer that holds tokens (use extend)")
         B, H, T, D = keys.shape
         if self.selector.needs_prompt_queries:
             if queries is None:
@@ -183,12 +183,6 @@ class PolicyLayer:
                 raise ValueError(
                     f"batch size {B} is above what {part.kind} {part.name!r} supports ({part.max_batch_size})"
                 )
-        bt = self.policy.resolve_budget().tokens  # the policy's budget, also in layers that read every page
-        if bt is not None and bt > T:
-            raise ValueError(
-                f"budget of {bt} tokens is larger than the context of {T} tokens; use a smaller budget "
-                "or budget=None (unlimited)"
-            )
         S, dev = self.budget.page_size, keys.device
         n_sink = min(T, self.budget.sink_tokens)
         rest = T - n_sink
@@ -207,6 +201,14 @@ class PolicyLayer:
         self.executor = executor
         self._run_job(self._build, mid_k, mid_v, prompt, n_sink)
         self.seq_len, self.prefilled = T, True
+
+    def extend(self, query, key, value, *, scaling: float, softcap: float | None = None) -> torch.Tensor:
+        """A multi-token forward after the prefill (the next chunk of a streamed prefill, a continued prompt):
+        exact attention over the layer's tokens and the chunk, then the chunk joins the layer. query
+        ``[B, Hq, L, D]``, key/value ``[B, Hkv, L, D]`` -> ``[B, L, Hq, D]``. See ``kvpolicy.streamed_prefill``."""
+        from kvpolicy.streamed_prefill import extend
+
+        return extend(self, query, key, value, scaling=scaling, softcap=softcap)
 
     def _build(self, mid_k, mid_v, prompt, n_sink: int) -> None:
         """Index build, CPU pool write, slot setup and ``Selector.prepare`` (see ``prefill``)."""
@@ -332,11 +334,19 @@ class PolicyLayer:
         self.allocator.setup(B, H, n, self.device)
         self.allocator.ensure_pages(self.cpu_pool.capacity)
 
+    def _step_budget(self):
+        """The budget of this step: the policy's, or unlimited while the context fits in it (then every page is
+        attended, as the whole cache would be; counted in ``stats.covered_steps``)."""
+        bt = self.budget.tokens
+        if bt is not None and self.seq_len <= bt:
+            return dataclasses.replace(self.budget, retrieved_pages=None)
+        return self.budget
+
     def context(self, scaling: float = 1.0, prev_selection: Selection | None = None) -> SelectContext:
         return SelectContext(
             layer=self.layer_idx,
             step=self.step,
-            budget=self.budget,
+            budget=self._step_budget(),
             seq_len=self.seq_len,
             index=self.index,
             pool=self.cpu_pool,
@@ -380,6 +390,8 @@ class PolicyLayer:
         st = self.stats
         t0 = self._now()
         ctx = self.context(scaling, prev_selection)
+        if ctx.budget is not self.budget:
+            st.covered_steps += 1
         graph_key = self._capture_key(ctx, query, scaling, softcap) if self.cuda_graphs else None
         if graph_key is not None:  # the whole device step is one replay (its time is counted as attention)
             out, sel = self._replay(graph_key, query, ctx, scaling, softcap)
@@ -537,7 +549,7 @@ class PolicyLayer:
         """What a captured step depends on, or None if this step must run eagerly (CPU, checks or phase
         timing on, sink still filling, unlimited budget, or a part that cannot be captured)."""
         if (self.device.type != "cuda" or self.validate or self.sync_timing or not self.index.num_tokens
-                or self.budget.retrieved_pages is None or self.sink_k.shape[2] < self.budget.sink_tokens):
+                or ctx.budget.retrieved_pages is None or self.sink_k.shape[2] < self.budget.sink_tokens):
             return None
         parts = (self.selector.capture_key(ctx), self.allocator.capture_key(),
                  self.transfer.capture_key(self.cpu_pool, self.gpu_pool))
@@ -637,6 +649,7 @@ class PolicyLayer:
         self._transit = False
 
     def _insert(self, pk: torch.Tensor, pv: torch.Tensor) -> None:
+        """Insert whole pages ``pk``/``pv`` ``[B, Hkv, n, D]`` (n a multiple of S) into the index and the pool."""
         t0 = time.perf_counter()
         base = self.index.num_tokens
         layout = self.index.add(pk)
@@ -646,7 +659,7 @@ class PolicyLayer:
         self.allocator.ensure_pages(self.cpu_pool.capacity)
         self.allocator.invalidate(layout.page_ids)
         self.selector.update(pk, layout, self.context())
-        self.stats.pages_inserted += 1
+        self.stats.pages_inserted += pk.shape[2] // self.budget.page_size
         self.stats.insert_work_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ accounting

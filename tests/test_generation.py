@@ -68,10 +68,18 @@ def test_from_dense_prefill_reproduces_dense(tiny_llama):
     assert torch.equal(dense.layers[1].keys, before)  # the shared prefill is not modified
 
 
-def test_budget_larger_than_context_is_rejected(tiny_llama):
-    ids = torch.randint(0, 128, (1, 100))
-    with pytest.raises(ValueError, match="larger than the context"):
-        kvpolicy.generate(tiny_llama, ids, policy="oracle", budget=256, max_new_tokens=2)
+@pytest.mark.parametrize("policy", ["oracle", "exact-topk", "icecache"])
+def test_budget_at_or_above_the_context_attends_everything(tiny_llama, policy):
+    """A budget the context fits in is no error: every page is attended (as the whole cache would be), the
+    steps are counted as covered, and decoding goes on under the budget once the context outgrows it."""
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(4))
+    ref = _dense(tiny_llama, ids, 8)
+    res = kvpolicy.generate(tiny_llama, ids, policy=policy, budget=256, max_new_tokens=8, validate=True)
+    assert torch.equal(res.token_ids, ref)
+    assert res.stats["covered_steps"] == res.stats["steps"] * len(KVPolicyCache(tiny_llama.config, policy).policy_layers)
+    assert "whole context" in res.summary()
+    long = kvpolicy.generate(tiny_llama, ids, policy=policy, budget=96, max_new_tokens=8)
+    assert long.stats["covered_steps"] == 0 and "whole context" not in long.summary()
     assert tiny_llama.config._attn_implementation != "kvpolicy"
 
 

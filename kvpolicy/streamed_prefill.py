@@ -1,0 +1,147 @@
+"""A multi-token forward on a layer that already holds tokens: the next chunk of a streamed prefill, or a
+continued prompt (a chat's next turn). Both are one operation, ``extend``.
+
+The chunk's queries attend exactly to every earlier token of the layer and causally to the chunk itself:
+
+* the sink and the window, on the GPU, as one piece;
+* the pages of the CPU pool, ``BLOCK_TOKENS`` per (b, head) at a time: on CUDA each block is copied from the
+  pinned pool on a side stream while the previous block is attended (double buffering), so the GPU holds at most
+  two blocks of the past, never the whole layer;
+* the chunk's own K/V, causally;
+
+merged exactly by their log-sum-exp (``kvpolicy.chunk_attention``). The chunk's K/V then join the layer as the
+decode path's tokens do: the window takes the newest, whole pages before it go to the index (``Index.add``) and
+the pool in one insertion job (in the background with ``overlap``), the sink fills first if it is short.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpolicy.chunk_attention import Partial, partial_attention
+
+__all__ = ["BLOCK_TOKENS", "check_extend", "extend"]
+
+BLOCK_TOKENS = 32768  # pool tokens per (b, head) per streamed block: 64 MiB of K per block at Hkv=8, D=128, bf16
+
+
+def check_extend(layer, key: torch.Tensor) -> None:
+    """Raise (before any state changes) unless ``layer`` can take a multi-token forward of ``key``."""
+    name = f"layer {layer.layer_idx}"
+    if not layer.prefilled:
+        raise RuntimeError(f"{name}: a continued prompt before the first prefill")
+    if not layer.index.supports_add:
+        raise ValueError(
+            f"{name}: index {layer.index.name!r} cannot add pages, so this cache cannot take a continued prompt or a "
+            "streamed prefill; use prefill_chunk=None (one-shot prefill) or an index with supports_add"
+        )
+    if layer.selector.needs_prompt_queries:
+        raise ValueError(
+            f"{name}: selector {layer.selector.name!r} scores the whole prompt's queries at prefill, so this cache "
+            "cannot take a continued prompt or a streamed prefill; use prefill_chunk=None (one-shot prefill)"
+        )
+    B, H, D = layer.shape
+    if key.dim() != 4 or key.shape[0] != B or key.shape[1] != H or key.shape[3] != D:
+        raise ValueError(f"{name}: chunk keys must be [B={B}, Hkv={H}, n, D={D}], got {tuple(key.shape)}")
+
+
+def _pool_blocks(layer):
+    """Yield ``(k, v, valid)`` of the pool's pages in use, ``BLOCK_TOKENS`` per (b, head) at a time, on the
+    layer's device: k/v ``[B, Hkv, n, D]``, valid ``[B, Hkv, n]``."""
+    pool, S = layer.cpu_pool, layer.budget.page_size
+    P = layer._max_pages  # pages of the fullest row (rows with fewer pages have length 0 there)
+    if pool is None or P == 0:
+        return
+    step = max(1, BLOCK_TOKENS // S)
+    bounds = [(p0, min(P, p0 + step)) for p0 in range(0, P, step)]
+    B, H, D, dev = pool.batch_size, pool.num_kv_heads, pool.head_dim, layer.device
+
+    def flat(k, v, lengths):
+        n = k.shape[2]
+        valid = torch.arange(S, device=lengths.device) < lengths.unsqueeze(-1)  # [B, H, n, S]
+        return k.reshape(B, H, n * S, D), v.reshape(B, H, n * S, D), valid.reshape(B, H, n * S)
+
+    if dev.type != "cuda":  # the pool is where the attention runs: views, no copy
+        for p0, p1 in bounds:
+            yield flat(pool.k[:, :, p0:p1], pool.v[:, :, p0:p1], pool.lengths[:, :, p0:p1])
+        return
+    main = torch.cuda.current_stream(dev)
+    side = layer._prefill_stream
+    if side is None:
+        side = layer._prefill_stream = torch.cuda.Stream(device=dev)
+
+    def load(p0, p1):
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            k = torch.empty((B, H, p1 - p0, S, D), dtype=pool.dtype, device=dev)
+            v = torch.empty_like(k)
+            for b in range(B):  # each (b, head) row of the pinned pool is contiguous: one async copy per row
+                for h in range(H):
+                    k[b, h].copy_(pool.k[b, h, p0:p1], non_blocking=True)
+                    v[b, h].copy_(pool.v[b, h, p0:p1], non_blocking=True)
+            lengths = pool.lengths[:, :, p0:p1].contiguous().to(dev, non_blocking=True)
+            return k, v, lengths, side.record_event()
+
+    nxt = load(*bounds[0])
+    for i in range(len(bounds)):
+        k, v, lengths, ready = nxt
+        nxt = load(*bounds[i + 1]) if i + 1 < len(bounds) else None  # in flight while this block is attended
+        main.wait_event(ready)
+        for t in (k, v, lengths):
+            t.record_stream(main)
+        yield flat(k, v, lengths)
+
+
+def _attend(layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
+    """query [B, Hq, L, D], key/value [B, Hkv, L, D] -> [B, L, Hq, D] in the query's dtype."""
+    acc = partial_attention(query, key, value, scale=scaling, causal=True, softcap=softcap)
+    near_k = torch.cat([layer.sink_k, layer.win_k[:, :, : layer.win_len]], dim=2)
+    near_v = torch.cat([layer.sink_v, layer.win_v[:, :, : layer.win_len]], dim=2)
+    acc = acc.merge(partial_attention(query, near_k, near_v, scale=scaling, softcap=softcap))
+    for k, v, valid in _pool_blocks(layer):
+        acc = acc.merge(partial_attention(query, k, v, scale=scaling, valid=valid, softcap=softcap))
+    return _finish(acc, query.dtype)
+
+
+def _finish(acc: Partial, dtype: torch.dtype) -> torch.Tensor:
+    return acc.out.to(dtype).transpose(1, 2).contiguous()  # [B, L, Hq, D]
+
+
+def _absorb(layer, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Append the chunk's K/V [B, Hkv, L, D]: sink first if short, then the window; whole pages that leave the
+    window go to the index and the pool in one insertion job."""
+    L = key.shape[2]
+    S, W = layer.budget.page_size, layer.budget.window_tokens
+    short = layer.budget.sink_tokens - layer.sink_k.shape[2]
+    if short > 0:
+        take = min(short, key.shape[2])
+        layer.sink_k = torch.cat([layer.sink_k, key[:, :, :take]], dim=2)
+        layer.sink_v = torch.cat([layer.sink_v, value[:, :, :take]], dim=2)
+        key, value = key[:, :, take:], value[:, :, take:]
+    ck = torch.cat([layer.win_k[:, :, : layer.win_len], key], dim=2)
+    cv = torch.cat([layer.win_v[:, :, : layer.win_len], value], dim=2)
+    n = ck.shape[2]
+    n_mid = max(0, n // S - (W // S - 1)) * S  # as in the prefill: the window keeps < window_pages pages
+    rest = n - n_mid
+    layer.win_k[:, :, :rest] = ck[:, :, n_mid:]
+    layer.win_v[:, :, :rest] = cv[:, :, n_mid:]
+    layer.win_len = rest
+    layer.seq_len += L
+    if n_mid:
+        layer._run_job(layer._insert, ck[:, :, :n_mid].contiguous(), cv[:, :, :n_mid].contiguous())
+
+
+def extend(layer, query, key, value, *, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """The chunk's attention output ``[B, L, Hq, D]``; then the chunk joins the layer (module docstring).
+    query ``[B, Hq, L, D]`` (RoPE applied), key/value ``[B, Hkv, L, D]``."""
+    check_extend(layer, key)
+    if query.dim() != 4 or query.shape[2] != key.shape[2] or query.shape[1] % key.shape[1]:
+        raise ValueError(f"layer {layer.layer_idx}: query {tuple(query.shape)} does not match keys {tuple(key.shape)}")
+    layer._drop_ahead()
+    layer.wait_ready()  # the pool and the index hold every earlier page
+    if layer._transit:  # a deferred insertion was joined: its page leaves the window now
+        layer._shift_window()
+    layer.stats.prompt_chunks += 1
+    out = _attend(layer, query, key, value, scaling, softcap)
+    _absorb(layer, key, value)
+    return out
