@@ -27,6 +27,25 @@ def _str_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _chunk(s: str) -> int | str | None:
+    s = s.strip().lower()
+    if s in {"none", "off", "0"}:
+        return None
+    if s == "auto":
+        return "auto"
+    try:
+        return int(s.removesuffix("k")) * (1024 if s.endswith("k") else 1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"prefill chunk must be a number of tokens, 'auto' or 'none', got {s!r}") from e
+
+
+def _fixed_chunk(s: str) -> int | None:
+    v = _chunk(s)
+    if v == "auto":
+        raise argparse.ArgumentTypeError("give a number of tokens or 'none'")
+    return v
+
+
 def _int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -104,7 +123,8 @@ def cmd_generate(args) -> int:
     Policy.resolve(args.policy, budget=args.budget)  # validate before loading the model
     model, tok = _load(args)
     res = generate(model, tok, prompt, policy=args.policy, budget=args.budget,
-                   max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
+                   max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                   prefill_chunk=args.prefill_chunk, progress=True)
     print(res.text[0])
     print(res.summary(), file=sys.stderr)
     return 0
@@ -177,7 +197,7 @@ def cmd_eval(args) -> int:
         source = [make_file_sample(r, tok) for r in records]
     run_eval(model, tok, model_name=args.model_name or args.model, policies=policies, budgets=args.budget, tasks=tasks,
              lengths=lengths, samples=args.samples, out=args.out, seed=args.seed, samples_source=source,
-             fidelity=args.fidelity)
+             fidelity=args.fidelity, prefill_chunk=args.prefill_chunk)
     Console().print(markdown_report(read_rows(args.out)))
     return 0
 
@@ -226,6 +246,37 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench_capacity(args) -> int:
+    import platform
+
+    import torch
+
+    from kvpolicy.bench.capacity import CapacityBenchConfig, bench_capacity, plot_capacity, print_capacity
+    from kvpolicy.bench.decode import load_bench_model, split_variant, write_json
+    from kvpolicy.eval.ablate import _git_sha, parse_length
+    from kvpolicy.policy import Policy
+
+    cfg = CapacityBenchConfig(policies=args.policy, budget=args.budget, start=parse_length(args.start),
+                              max_length=parse_length(args.max_length), steps=args.steps,
+                              prefill_chunk=args.prefill_chunk, fill=args.fill, dense=not args.no_dense)
+    for name in args.policy:
+        Policy.resolve_placed(split_variant(name).spec, budget=args.budget)  # validate before loading the model
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
+    meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
+            else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg),
+            "weights_bytes": sum(p.nbytes for p in model.parameters())}
+    save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None
+    rows = bench_capacity(model, cfg, model_name=model_name, on_row=save)
+    print_capacity(rows)
+    if args.json:
+        write_json(rows, args.json, meta)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_capacity(rows, args.plot)}")
+    return 0
+
+
 DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS (kept import-free for a fast --help)
 DEMO_SEED = 1
 
@@ -254,7 +305,8 @@ def cmd_bench_decode(args) -> int:
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
     cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,
                             breakdown_steps=args.breakdown_steps, dense=not args.no_dense, dense_graphs=args.dense_graphs,
-                            index_device=args.index_device, sdpa_backend=args.sdpa_backend)
+                            index_device=args.index_device, sdpa_backend=args.sdpa_backend,
+                            prefill_chunk=args.prefill_chunk)
     meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
             else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg)}
     save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None  # partial results survive a kill
@@ -292,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-file")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    s.add_argument("--prefill-chunk", type=_chunk, default="auto",
+                   help="tokens per forward of the streamed prompt, or 'none' for one forward (default: 8192 where "
+                        "the policy can stream)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("demo", help="passkey retrieval per policy and budget on a real model (the main job)")
@@ -322,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", default=None, help="the model's name in the rows (default: --model)")
     s.add_argument("--fidelity", action="store_true",
                    help="also measure attention fidelity per layer/head and perplexity on the essays, per length")
+    s.add_argument("--prefill-chunk", type=_fixed_chunk, default=None,
+                   help="stream the shared dense prefill, this many tokens per forward (exact; default: one forward)")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("report", help="markdown tables and PNG plots from eval results")
@@ -369,9 +426,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "(variant 'dense+graphs'; CUDA only)")
     s.add_argument("--sdpa-backend", default=None, choices=["flash", "efficient", "cudnn", "math"],
                    help="pin SDPA (prefill, dense baseline, dense layers) to one backend (default: torch's choice)")
+    s.add_argument("--prefill-chunk", type=_fixed_chunk, default=None,
+                   help="stream every variant's prompt, this many tokens per forward (default: one forward)")
     s.add_argument("--json", default=None, help="write {meta, rows} JSON here")
     s.add_argument("--plot", default=None, help="write the time-per-token plot (PNG) here")
     s.set_defaults(fn=cmd_bench_decode)
+
+    s = bench.add_parser("capacity", help="double each variant's context until it fails: GPU and host memory, "
+                                          "time to first token, time per token")
+    s.add_argument("--model", default=None, help="alias, GGUF file or HF checkpoint dir (real weights)")
+    s.add_argument("--config", default="llama3-8b-1m", help="random-weight configuration when --model is not given")
+    s.add_argument("--dtype", default=None, help="bfloat16 (default), float16, float32")
+    s.add_argument("--device", default=None, help="cuda if available, else cpu")
+    s.add_argument("--policy", type=_str_list, default=["quest:uva", "icecache-hostkeys@cuda:uva"],
+                   help="comma-separated variants, as in bench decode")
+    s.add_argument("--budget", type=_budget, default=256, help="tokens (e.g. 256) or 'all'")
+    s.add_argument("--start", default="32k", help="first context length (doubled until a run fails)")
+    s.add_argument("--max-length", default="1m", help="last context length tried")
+    s.add_argument("--steps", type=int, default=16, help="timed decode steps per run")
+    s.add_argument("--prefill-chunk", type=int, default=8192, help="tokens per forward (or per fill chunk)")
+    s.add_argument("--fill", default="prefill", choices=["prefill", "synthetic"],
+                   help="run the prompt through the model, or write random K/V into the cache (no prefill attention)")
+    s.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    s.add_argument("--json", default=None, help="write {meta, rows} JSON here")
+    s.add_argument("--plot", default=None, help="write the GPU-memory-against-context plot (PNG) here")
+    s.set_defaults(fn=cmd_bench_capacity)
     return p
 
 

@@ -47,6 +47,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
     ),
+    # the Llama-3.1-8B shape with the RoPE of a published 1M-context Llama-3 8B (gradientai/Llama-3-8B-Instruct-
+    # Gradient-1048k, model card: plain RoPE, theta 2.80B at 2^20 tokens), so benchmarks may run past 128k
+    "llama3-8b-1m": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1048576,
+        rope_theta=2.8e9, rms_norm_eps=1e-5,
+    ),
     # a few-MB Llama with the same structure (GQA 4, head_dim 64): smoke runs and tests on a CPU
     "tiny-llama": dict(
         vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -68,6 +75,7 @@ class DecodeBenchConfig:
     sdpa_backend: str | None = None  # flash, efficient, cudnn, math; None: torch's choice
     index_device: str | None = None  # None: the policy's own default
     seed: int = 0
+    prefill_chunk: int | None = None  # stream the prompt, this many tokens per forward (every variant); None: one
 
 
 def load_bench_model(model: str | None, config: str | None, device: str, dtype: str | None = "bfloat16"):
@@ -152,27 +160,45 @@ def _timing_row(ttft: float, ttst: float, times: list[float], tokens: list[torch
             "tokens": torch.cat(tokens, 1)[0].tolist()}
 
 
-@torch.inference_mode()
-def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dict[str, Any]:
+def timed_prefill(model, ids: torch.Tensor, cache, chunk: int | None) -> tuple[torch.Tensor, float]:
+    """Prefill ``ids`` into ``cache`` (streamed, ``chunk`` tokens per forward, or one forward): the first token
+    ``[1, 1]`` and the seconds to it (device synchronised). A streamed dense cache runs under the ``kvpolicy``
+    attention too, so no chunk builds a mask over the earlier tokens."""
+    from kvpolicy.generation import prefill
+
+    if chunk and not hasattr(cache, "policy_layers"):
+        from kvpolicy.hf import ATTN_IMPLEMENTATION, register_attention
+
+        register_attention()
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
     dev = model.device
     _sync(dev)
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1:].argmax(-1)
+    nxt = prefill(model, cache, ids, chunk).argmax(-1, keepdim=True)
     _sync(dev)
-    ttft = time.perf_counter() - t0
+    return nxt, time.perf_counter() - t0
 
-    tokens = [nxt]
 
-    def step() -> float:
-        nonlocal nxt
+class Stepper:
+    """Greedy decode steps, one forward each, synchronised after each (as a loop that checks for EOS would be)."""
+
+    def __init__(self, model, cache, first: torch.Tensor):
+        self.model, self.cache, self.nxt, self.tokens = model, cache, first, [first]
+
+    def __call__(self) -> float:
         t = time.perf_counter()
-        o = model(nxt, past_key_values=cache, use_cache=True)
-        nxt = o.logits[:, -1:].argmax(-1)
-        _sync(dev)
-        tokens.append(nxt)
+        o = self.model(self.nxt, past_key_values=self.cache, use_cache=True)
+        self.nxt = o.logits[:, -1:].argmax(-1)
+        _sync(self.model.device)
+        self.tokens.append(self.nxt)
         return time.perf_counter() - t
 
+
+@torch.inference_mode()
+def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dict[str, Any]:
+    nxt, ttft = timed_prefill(model, ids, cache, cfg.prefill_chunk)
+    step = Stepper(model, cache, nxt)
+    tokens = step.tokens
     first = step()
     times = [step() for _ in range(cfg.steps)]
     row = _timing_row(ttft, ttft + first, times, tokens)
@@ -312,12 +338,12 @@ def _warmup(model) -> None:
     _sync(model.device)
 
 
-def _policy_cache(model, vname: str, pol):
+def policy_cache(model, vname: str, pol, prefill_chunk: int | None = None):
     """The cache of one policy variant, with its ``+graphs``/``+defer``/``+prefetch``/``+estimate`` flags applied."""
     from kvpolicy.hf import KVPolicyCache
 
     v = split_variant(vname)
-    cache = KVPolicyCache(model, pol, defer_insert=v.defer, prefetch=v.prefetch)
+    cache = KVPolicyCache(model, pol, defer_insert=v.defer, prefetch=v.prefetch, prefill_chunk=prefill_chunk)
     for la in _policy_layers(cache):
         la.cuda_graphs = v.graphs
     return cache
@@ -332,7 +358,7 @@ def _warmup_policy(model, vname: str, pol, cfg: DecodeBenchConfig) -> None:
     if n <= (cfg.budget or 0):
         return
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(2))
-    cache = _policy_cache(model, vname, pol)
+    cache = policy_cache(model, vname, pol, cfg.prefill_chunk)
     try:
         short = dataclasses.replace(cfg, steps=pol.page_size + 4, breakdown_steps=min(1, cfg.breakdown_steps))
         _run_variant(model, ids.to(model.device), cache, short)
@@ -391,7 +417,7 @@ def bench_decode(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
-        cache = DynamicCache(config=model.config) if pol is None else _policy_cache(model, vname, pol)
+        cache = DynamicCache(config=model.config) if pol is None else policy_cache(model, vname, pol, cfg.prefill_chunk)
         try:
             if vname == DENSE_GRAPHS:
                 if dev.type != "cuda":

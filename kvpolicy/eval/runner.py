@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
-from kvpolicy.hf import KVPolicyCache
+from kvpolicy.generation import prefill
+from kvpolicy.hf import ATTN_IMPLEMENTATION, KVPolicyCache, register_attention
 from kvpolicy.policy import Policy, split_placement
 from kvpolicy.prefetch import split_prefetch
 
@@ -153,11 +154,13 @@ def run_eval(
     fidelity_queries: int = 8,
     continuation: int = 64,
     progress: bool = True,
+    prefill_chunk: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the grid and append rows to ``out``; return the rows written now. ``samples_source`` replaces the
     generated samples (``--task-file``): then ``tasks``/``lengths``/``samples`` are ignored. ``fidelity`` adds,
     per length, one row per (policy, budget) of attention fidelity and perplexity on the essays
-    (``kvpolicy.eval.fidelity``)."""
+    (``kvpolicy.eval.fidelity``). ``prefill_chunk`` streams the shared dense prefill, that many tokens per forward
+    (exact: the same rows, less activation memory)."""
     from rich.progress import Progress
     from transformers import DynamicCache
 
@@ -212,9 +215,14 @@ def run_eval(
                     dense = DynamicCache(config=model.config)
                     # logits of the last position only: the whole prompt's would be T x vocab floats (10 GB for
                     # 16k tokens of Qwen2.5 in float32, which once ran this CPU out of memory)
-                    logits = model(sample.input_ids(model.device), past_key_values=dense, use_cache=True,
-                                   logits_to_keep=1).logits
-                    first = logits[:, -1:].argmax(-1)  # [1, 1] greedy first answer token, shared by every policy
+                    if prefill_chunk:  # streamed under the kvpolicy attention (no mask over earlier chunks)
+                        register_attention()
+                        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+                    try:
+                        logits = prefill(model, dense, sample.input_ids(model.device), prefill_chunk)
+                    finally:
+                        model.set_attn_implementation(previous)
+                    first = logits.argmax(-1, keepdim=True)  # [1, 1] greedy first answer token, shared by every policy
             for j in todo:
                 bar.update(t_all, description=f"{task} {L}: sample {i} {j.label} @ {j.budget or 'all'}")
                 t0 = time.perf_counter()

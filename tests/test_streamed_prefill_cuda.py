@@ -1,0 +1,104 @@
+"""Streamed prefill on the GPU: the fused partial-attention kernels against their fp32 definition, dense
+equivalence with pages streamed back from pinned memory, and GPU memory that does not grow with the context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpolicy
+from kvpolicy.chunk_attention import partial_attention, reference_partial
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [40, 128, 1000])  # key counts that are and are not multiples of 16
+def test_partial_attention_kernels_match_the_definition(dtype, n):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, Hq, Hkv, L, D = 1, 8, 2, 33, 128
+    q = torch.randn(B, Hq, L, D, generator=g, device="cuda", dtype=dtype)
+    k = torch.randn(B, Hkv, n, D, generator=g, device="cuda", dtype=dtype)
+    v = torch.randn(B, Hkv, n, D, generator=g, device="cuda", dtype=dtype)
+    valid = torch.rand(B, Hkv, n, generator=g, device="cuda") > 0.4
+    valid[0, 1] = False  # one KV head with no valid key in this piece
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    got = partial_attention(q, k, v, scale=D**-0.5, valid=valid)
+    ref = reference_partial(q, k, v, scale=D**-0.5, valid=valid)
+    torch.testing.assert_close(got.out[:, :4], ref.out[:, :4], **tol)
+    torch.testing.assert_close(got.lse[:, :4], ref.lse[:, :4], **tol)  # natural-log log-sum-exp, like the definition
+    assert torch.isneginf(got.lse[:, 4:]).all()
+    own = partial_attention(q, k[:, :, :L], v[:, :, :L], scale=D**-0.5, causal=True)
+    ref_own = reference_partial(q, k[:, :, :L], v[:, :, :L], scale=D**-0.5, causal=True)
+    torch.testing.assert_close(own.out, ref_own.out, **tol)
+    torch.testing.assert_close(own.lse, ref_own.lse, **tol)
+    torch.testing.assert_close(got.merge(own).out[:, :4], ref.merge(ref_own).out[:, :4], **tol)
+
+
+@pytest.mark.parametrize("policy", ["exact-topk", "quest:uva", "icecache:uva", "icecache-hostkeys@cuda:uva",
+                                    "icecache-reuse"])
+def test_streamed_prefill_reproduces_dense_on_cuda(policy):
+    """Unlimited budget, pages streamed back from the pinned pool block by block (a small block, so a layer's
+    pool takes several): the tokens of one-shot dense decoding."""
+    from kvpolicy import streamed_prefill
+    from kvpolicy.policy import Policy
+
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(1, 128, (1, 700), generator=torch.Generator().manual_seed(1)).cuda()
+    ref = model.generate(ids, max_new_tokens=24, do_sample=False)[:, 700:]
+    old, streamed_prefill.BLOCK_TOKENS = streamed_prefill.BLOCK_TOKENS, 64
+    try:
+        pol = Policy.resolve_placed(policy, budget=None)
+        res = kvpolicy.generate(model, ids, policy=pol, max_new_tokens=24, prefill_chunk=128)
+    finally:
+        streamed_prefill.BLOCK_TOKENS = old
+    assert torch.equal(res.token_ids, ref)
+    assert res.stats["prompt_chunks"] > 0
+
+
+def _peak_after(model, length: int, policy: str, chunk: int) -> tuple[int, int]:
+    """Peak GPU bytes of a streamed prefill of ``length`` random tokens and 8 decode steps, and the cache's bytes
+    of index on the GPU at the end."""
+    from kvpolicy.bench.decode import Stepper, policy_cache, timed_prefill
+    from kvpolicy.policy import Policy
+
+    ids = torch.randint(1, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(2)).cuda()
+    cache = policy_cache(model, policy, Policy.resolve_placed(policy, budget=256), chunk)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        nxt, _ = timed_prefill(model, ids, cache, chunk)
+        step = Stepper(model, cache, nxt)
+        for _ in range(8):
+            step()
+    peak = torch.cuda.max_memory_allocated()
+    index = cache.memory()["index_on_device"]
+    model.set_attn_implementation("sdpa")
+    for i in cache.policy_layers:
+        cache.layers[i].state.reset()
+    return peak, index
+
+
+@pytest.mark.parametrize("policy", ["quest:uva", "exact-topk:uva"])
+def test_gpu_memory_does_not_grow_with_the_context(policy):
+    """8k and 32k tokens of a 4-layer model with 8 KV heads of 128: the dense KV would grow by 384 MiB; the
+    streamed policy's peak grows by its GPU index (page metadata) plus a 32 MiB slack at most."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=65536)
+    from kvpolicy import streamed_prefill
+
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    old, streamed_prefill.BLOCK_TOKENS = streamed_prefill.BLOCK_TOKENS, 4096  # staged blocks: one size at both
+    try:
+        small, idx_small = _peak_after(model, 8192, policy, 2048)
+        large, idx_large = _peak_after(model, 32768, policy, 2048)
+    finally:
+        streamed_prefill.BLOCK_TOKENS = old
+    dense_growth = (32768 - 8192) * 4 * 8 * 128 * 2 * 2
+    assert large - small <= (idx_large - idx_small) + 32 * 2**20, (small, large, idx_small, idx_large)
+    assert large - small < dense_growth / 8
