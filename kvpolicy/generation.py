@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from kvpolicy.hf import KVPolicyCache, check_model_supported
+from kvpolicy.hf import KVPolicyCache, check_model_supported, policy_attention
 from kvpolicy.policy import Policy
 
 __all__ = ["GenerationResult", "generate", "prefill", "prepare_inputs"]
@@ -135,21 +135,25 @@ def generate(
     tok = tokenizer or (tokenizer_or_inputs if hasattr(tokenizer_or_inputs, "decode") else None)
     inputs = prepare_inputs(tokenizer_or_inputs, prompt, chat=chat, device=model.device)
     prompt_len = inputs["input_ids"].shape[1]
-    previous = model.config._attn_implementation
+    with policy_attention(model):  # switched for this call, never under another thread's running generate
+        return _generate(model, tok, inputs, pol, prompt_len, max_new_tokens=max_new_tokens, validate=validate,
+                         defer_insert=defer_insert, prefetch=prefetch, prefill_chunk=prefill_chunk, progress=progress,
+                         **generate_kwargs)
+
+
+def _generate(model, tok, inputs, pol, prompt_len, *, max_new_tokens, validate, defer_insert, prefetch, prefill_chunk,
+              progress, **generate_kwargs) -> GenerationResult:
     cache = KVPolicyCache(model, pol, validate=validate, defer_insert=defer_insert, prefetch=prefetch,
                           prefill_chunk=prefill_chunk)
     generate_kwargs.setdefault("do_sample", False)
-    try:
-        t0 = time.perf_counter()
-        chunk = cache.prefill_chunk
-        if chunk and prompt_len > chunk:  # stream all but the last chunk; generate() runs that one and decodes
-            prefill(model, cache, inputs["input_ids"][:, : (prompt_len - 1) // chunk * chunk], chunk, progress=progress)
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, **generate_kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    finally:
-        model.set_attn_implementation(previous)
+    t0 = time.perf_counter()
+    chunk = cache.prefill_chunk
+    if chunk and prompt_len > chunk:  # stream all but the last chunk; generate() runs that one and decodes
+        prefill(model, cache, inputs["input_ids"][:, : (prompt_len - 1) // chunk * chunk], chunk, progress=progress)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, **generate_kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
     new = out[:, prompt_len:]
     text = [tok.decode(row, skip_special_tokens=True) for row in new] if tok is not None else None
     return GenerationResult(

@@ -16,6 +16,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from typing import Any
@@ -32,6 +33,7 @@ from kvpolicy.streamed_prefill import check_extend
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "policy_attention",
     "KVPolicyCache",
     "PolicyCacheLayer",
     "SUPPORTED_MODEL_TYPES",
@@ -45,6 +47,37 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3
 
 _handoff = threading.local()
 _registered = False
+
+
+_switch_lock = threading.Lock()
+_switched: dict[int, list] = {}  # id(model) -> [users, the implementation before the first of them]
+
+
+@contextlib.contextmanager
+def policy_attention(model):
+    """Run ``model`` under the ``kvpolicy`` attention for the duration of the block. The switch is made once per
+    model and undone when the last of the threads using it leaves (reference-counted), so a thread that finishes
+    never switches the attention away under another one still decoding; and this thread's hand-off is cleared
+    on every exit (an error included). The function falls back to SDPA for calls without a policy cache."""
+    register_attention()
+    key = id(model)
+    with _switch_lock:
+        entry = _switched.get(key)
+        if entry is None:
+            entry = _switched[key] = [0, model.config._attn_implementation]
+            if entry[1] != ATTN_IMPLEMENTATION:
+                model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        entry[0] += 1
+    try:
+        yield model
+    finally:
+        _handoff.item = None
+        with _switch_lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _switched[key]
+                if entry[1] != ATTN_IMPLEMENTATION:
+                    model.set_attn_implementation(entry[1])
 
 
 def register_attention() -> None:
@@ -178,6 +211,15 @@ class PolicyCacheLayer(_layer_base()):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        stale = getattr(_handoff, "item", None)
+        if stale is not None:  # an earlier layer's K/V never reached the kvpolicy attention function
+            _handoff.item = None
+            raise RuntimeError(
+                f"layer {stale[1].state.layer_idx} of a KVPolicyCache handed its K/V to an attention function that "
+                f"never took them: the model does not run the {ATTN_IMPLEMENTATION!r} attention. Call "
+                f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) (KVPolicyCache(model, ...) does it when given "
+                "the model rather than its config), or use kvpolicy.generate"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if not self.state.prefilled:  # the prompt is attended densely (SDPA)

@@ -14,6 +14,7 @@ can be resumed: rows already in the file (same model, task, length, sample, poli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -25,7 +26,7 @@ import torch
 
 from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
 from kvpolicy.generation import prefill
-from kvpolicy.hf import ATTN_IMPLEMENTATION, KVPolicyCache, register_attention
+from kvpolicy.hf import KVPolicyCache, policy_attention
 from kvpolicy.policy import Policy, split_placement
 from kvpolicy.prefetch import split_prefetch
 
@@ -215,13 +216,9 @@ def run_eval(
                     dense = DynamicCache(config=model.config)
                     # logits of the last position only: the whole prompt's would be T x vocab floats (10 GB for
                     # 16k tokens of Qwen2.5 in float32, which once ran this CPU out of memory)
-                    if prefill_chunk:  # streamed under the kvpolicy attention (no mask over earlier chunks)
-                        register_attention()
-                        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-                    try:
+                    # streamed: under the kvpolicy attention (no mask over earlier chunks)
+                    with policy_attention(model) if prefill_chunk else contextlib.nullcontext():
                         logits = prefill(model, dense, sample.input_ids(model.device), prefill_chunk)
-                    finally:
-                        model.set_attn_implementation(previous)
                     first = logits.argmax(-1, keepdim=True)  # [1, 1] greedy first answer token, shared by every policy
             for j in todo:
                 bar.update(t_all, description=f"{task} {L}: sample {i} {j.label} @ {j.budget or 'all'}")
