@@ -10,8 +10,8 @@ Shapes: q ``[B, Hq, L, D]``, k/v ``[B, Hkv, n, D]`` with ``Hq % Hkv == 0``, ``va
 that count; pages are partly filled). A non-causal piece folds the GQA group into the query axis
 (``[B, Hkv, G*L, D]``), so K/V are never repeated; the causal piece (the chunk itself) repeats its own K/V.
 
-Each piece runs one fused kernel that also returns the log-sum-exp: torch's memory-efficient attention on CUDA,
-its flash attention on the CPU; ``reference_partial`` (plain math in fp32) is the definition, used with a logit
+Each piece runs one fused kernel that also returns the log-sum-exp: torch's flash attention on CUDA (its
+memory-efficient attention where a piece has invalid keys, or in fp32), its flash attention on the CPU; ``reference_partial`` (plain math in fp32) is the definition, used with a logit
 softcap and by the tests.
 """
 
@@ -85,7 +85,11 @@ def reference_partial(q, k, v, *, scale: float, valid=None, causal: bool = False
 
 
 def _fused(q, k, v, bias, causal: bool, scale: float):
-    """One fused kernel with log-sum-exp: (out [B, H, L, D], lse [B, H, L]); q, k, v with equal heads."""
+    """One fused kernel with log-sum-exp: (out [B, H, L, D], lse [B, H, L]); q, k, v with equal heads. On CUDA:
+    flash attention where it applies (no bias, half precision, D <= 256), else memory-efficient attention."""
+    if q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        return out, lse
     if q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale)[:2]

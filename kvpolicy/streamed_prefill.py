@@ -56,40 +56,57 @@ def _pool_blocks(layer):
     bounds = [(p0, min(P, p0 + step)) for p0 in range(0, P, step)]
     B, H, D, dev = pool.batch_size, pool.num_kv_heads, pool.head_dim, layer.device
 
-    def flat(k, v, lengths):
+    def flat(k, v, lengths, full: bool):
         n = k.shape[2]
+        if full:  # every page of the block is whole (positional pages): no mask, the fastest kernel
+            return k.reshape(B, H, n * S, D), v.reshape(B, H, n * S, D), None
         valid = torch.arange(S, device=lengths.device) < lengths.unsqueeze(-1)  # [B, H, n, S]
         return k.reshape(B, H, n * S, D), v.reshape(B, H, n * S, D), valid.reshape(B, H, n * S)
 
+    # which blocks hold only whole pages: read on the host from the (pinned) lengths, without a device sync
+    whole = [bool((pool.lengths[:, :, p0:p1] == S).all()) for p0, p1 in bounds]
+
     if dev.type != "cuda":  # the pool is where the attention runs: views, no copy
-        for p0, p1 in bounds:
-            yield flat(pool.k[:, :, p0:p1], pool.v[:, :, p0:p1], pool.lengths[:, :, p0:p1])
+        for (p0, p1), full in zip(bounds, whole):
+            yield flat(pool.k[:, :, p0:p1], pool.v[:, :, p0:p1], pool.lengths[:, :, p0:p1], full)
         return
     main = torch.cuda.current_stream(dev)
     side = layer._prefill_stream
     if side is None:
         side = layer._prefill_stream = torch.cuda.Stream(device=dev)
+    # two staging buffers, filled in turn: a block is copied into one while the other is attended. The side stream
+    # waits for the attention that last read a buffer before overwriting it; nothing is allocated per block, so
+    # the GPU holds two blocks of the past however far the host runs ahead
+    n = min(step, P)
+    bufs = [(torch.empty((B, H, n, S, D), dtype=pool.dtype, device=dev),
+             torch.empty((B, H, n, S, D), dtype=pool.dtype, device=dev),
+             torch.empty((B, H, n), dtype=pool.lengths.dtype, device=dev)) for _ in range(min(2, len(bounds)))]
+    freed: list = [None] * len(bufs)  # event on the main stream after the last read of each buffer
+    side.wait_stream(main)  # the buffers were allocated on the main stream
 
-    def load(p0, p1):
-        side.wait_stream(main)
+    def load(i):
+        (p0, p1), (k, v, lengths), slot = bounds[i], bufs[i % len(bufs)], i % len(bufs)
         with torch.cuda.stream(side):
-            k = torch.empty((B, H, p1 - p0, S, D), dtype=pool.dtype, device=dev)
-            v = torch.empty_like(k)
+            if freed[slot] is not None:
+                side.wait_event(freed[slot])
+            m = p1 - p0
             for b in range(B):  # each (b, head) row of the pinned pool is contiguous: one async copy per row
                 for h in range(H):
-                    k[b, h].copy_(pool.k[b, h, p0:p1], non_blocking=True)
-                    v[b, h].copy_(pool.v[b, h, p0:p1], non_blocking=True)
-            lengths = pool.lengths[:, :, p0:p1].contiguous().to(dev, non_blocking=True)
-            return k, v, lengths, side.record_event()
+                    k[b, h, :m].copy_(pool.k[b, h, p0:p1], non_blocking=True)
+                    v[b, h, :m].copy_(pool.v[b, h, p0:p1], non_blocking=True)
+            lengths[:, :, :m].copy_(pool.lengths[:, :, p0:p1], non_blocking=True)
+            return k[:, :, :m], v[:, :, :m], lengths[:, :, :m], side.record_event()
 
-    nxt = load(*bounds[0])
+    nxt = load(0)
     for i in range(len(bounds)):
         k, v, lengths, ready = nxt
-        nxt = load(*bounds[i + 1]) if i + 1 < len(bounds) else None  # in flight while this block is attended
         main.wait_event(ready)
-        for t in (k, v, lengths):
-            t.record_stream(main)
-        yield flat(k, v, lengths)
+        yield flat(k, v, lengths, whole[i])  # the caller queues this block's attention before asking for the next
+        freed[i % len(bufs)] = main.record_event()
+        nxt = load(i + 1) if i + 1 < len(bounds) else None
+    for buf in bufs:  # the last reads are queued on the main stream; the side stream's copies are done
+        for t in buf:
+            t.record_stream(side)
 
 
 def _attend(layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
@@ -105,6 +122,14 @@ def _attend(layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
 
 def _finish(acc: Partial, dtype: torch.dtype) -> torch.Tensor:
     return acc.out.to(dtype).transpose(1, 2).contiguous()  # [B, L, Hq, D]
+
+
+def _insert_after(layer, copies_done, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The insertion job, once the streamed block copies that read the pinned pool are done (the job writes the
+    pool on the host, which no CUDA stream order protects)."""
+    if copies_done is not None:
+        copies_done.synchronize()
+    layer._insert(k, v)
 
 
 def _absorb(layer, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -128,7 +153,9 @@ def _absorb(layer, key: torch.Tensor, value: torch.Tensor) -> None:
     layer.win_len = rest
     layer.seq_len += L
     if n_mid:
-        layer._run_job(layer._insert, ck[:, :, :n_mid].contiguous(), cv[:, :, :n_mid].contiguous())
+        side = layer._prefill_stream
+        copies_done = side.record_event() if side is not None else None
+        layer._run_job(_insert_after, layer, copies_done, ck[:, :, :n_mid].contiguous(), cv[:, :, :n_mid].contiguous())
 
 
 def extend(layer, query, key, value, *, scaling: float, softcap: float | None = None) -> torch.Tensor:

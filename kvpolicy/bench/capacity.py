@@ -11,10 +11,11 @@ The prompt goes in one of two ways (``fill``):
 
 * ``"prefill"``: the model runs the prompt, streamed ``prefill_chunk`` tokens per forward (dense too, under the
   ``kvpolicy`` attention, so no forward builds a mask over earlier tokens); ``ttft_s`` is its time.
-* ``"synthetic"``: random K/V are written straight into every layer, chunk by chunk, through the same path a
-  streamed prefill takes (pool writes, index build and insertions; the dense cache grows by concatenation as it
-  does under transformers), with no attention over the prompt: memory and time per token at lengths whose
-  quadratic prefill would take hours. ``ttft_s`` is then the fill time, not a prefill (rows say ``fill``).
+* ``"synthetic"``: random K/V are written straight into every layer, one layer at a time (its index build and
+  pool write as after a one-shot prefill; the GPU holds that one layer's prompt K/V meanwhile), with no attention
+  over the prompt: memory and time per token at lengths whose quadratic prefill would take hours. ``ttft_s`` is
+  then the fill time, not a prefill (rows say ``fill``); ``decode_peak_bytes`` is the peak of the decode steps
+  alone, ``fill_peak_bytes`` that of the fill.
 
 Prompts are random: this measures capacity and latency, never accuracy.
 """
@@ -61,29 +62,24 @@ class CapacityBenchConfig:
 
 
 @torch.inference_mode()
-def synthetic_fill(model, cache, length: int, chunk: int, *, seed: int = 0) -> None:
-    """Write ``length`` random tokens' K/V into every layer of ``cache``, ``chunk`` per layer at a time, as a
-    streamed prefill would leave them (see the module docstring)."""
+def synthetic_fill(model, cache, length: int, *, seed: int = 0) -> None:
+    """Write ``length`` random tokens' K/V into every layer of ``cache``, one layer at a time, as a prefill leaves
+    them (see the module docstring): the GPU holds one layer's K/V of the prompt at a time, besides the cache."""
     from kvpolicy.hf import PolicyCacheLayer
-    from kvpolicy.streamed_prefill import _absorb
 
     cfg = model.config
     H = cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     g = torch.Generator(device=model.device).manual_seed(seed)
-    for s in range(0, length, chunk):
-        n = min(chunk, length - s)
-        for layer in cache.layers:
-            k = torch.randn((1, H, n, D), generator=g, device=model.device, dtype=model.dtype)
-            v = torch.randn((1, H, n, D), generator=g, device=model.device, dtype=model.dtype)
-            if not isinstance(layer, PolicyCacheLayer):
-                layer.update(k, v)
-            elif not layer.state.prefilled:
-                layer.lazy_initialization(k, v)
-                layer.prefill(k, v)
-            else:
-                layer.state.wait_ready()
-                _absorb(layer.state, k, v)
+    for layer in cache.layers:
+        k = torch.randn((1, H, length, D), generator=g, device=model.device, dtype=model.dtype)
+        v = torch.randn((1, H, length, D), generator=g, device=model.device, dtype=model.dtype)
+        if isinstance(layer, PolicyCacheLayer):
+            layer.lazy_initialization(k, v)
+            layer.prefill(k, v)
+        else:
+            layer.update(k, v)
+        del k, v
     for la in _policy_layers(cache):
         la.wait_ready()
 
@@ -139,13 +135,18 @@ def _run(model, vname: str, pol, length: int, cfg: CapacityBenchConfig) -> dict[
             else:
                 _sync(dev)
                 t0 = time.perf_counter()
-                synthetic_fill(model, cache, length, cfg.prefill_chunk, seed=cfg.seed)
+                synthetic_fill(model, cache, length, seed=cfg.seed)
                 _sync(dev)
                 row["ttft_s"] = time.perf_counter() - t0
                 nxt = torch.zeros((1, 1), dtype=torch.long, device=dev)
+            if dev.type == "cuda":
+                row["fill_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
             step = Stepper(model, cache, nxt)
             step()  # the first step waits for background builds: not a steady-state step
             times = [step() for _ in range(cfg.steps)]
+            if dev.type == "cuda":
+                row["decode_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
         row["tpot_ms"] = statistics.median(times) * 1e3
         row["tpot_mean_ms"] = statistics.fmean(times) * 1e3
         row.update(_device_bytes(cache))
@@ -153,8 +154,8 @@ def _run(model, vname: str, pol, length: int, cfg: CapacityBenchConfig) -> dict[
     except Exception as e:  # noqa: BLE001 (an out-of-memory or any failure is a row: the doubling stops there)
         row["error"] = _error(e)
     finally:
-        if dev.type == "cuda":
-            row["device_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+        if dev.type == "cuda":  # the peak of the fill and of the decode steps, whichever is higher
+            row["device_peak_bytes"] = max(torch.cuda.max_memory_allocated(dev), row.get("fill_peak_bytes", 0))
             row["device_peak_over_weights_bytes"] = row["device_peak_bytes"] - base
         row["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         for la in _policy_layers(cache) if cache is not None else ():
