@@ -10,7 +10,7 @@ import torch
 
 from kvpolicy.interfaces import Transfer
 from kvpolicy.pool import PagePool
-from kvpolicy.reference.sync_transfer import check_transfer_args, page_rows
+from kvpolicy.transfers.sync_transfer import check_transfer_args, page_rows
 from kvpolicy.types import TransferHandle
 
 __all__ = ["BulkLoadTransfer"]

@@ -16,7 +16,7 @@ import torch
 
 from kvpolicy.interfaces import Transfer
 from kvpolicy.ops import storage_key
-from kvpolicy.reference.sync_transfer import SyncTransfer, check_transfer_args
+from kvpolicy.transfers.sync_transfer import SyncTransfer, check_transfer_args
 from kvpolicy.types import TransferHandle
 
 __all__ = ["UVATransfer"]
