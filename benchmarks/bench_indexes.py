@@ -1,7 +1,7 @@
 """Every registered index on the CPU: build, search and add time, page recall@k against exact search, bytes.
 
-    python benchmarks/bench_contrib_indexes.py                       # T = 8192, Hkv = 8, D = 128, 1 thread
-    python benchmarks/bench_contrib_indexes.py --out benchmarks/results/contrib_indexes_cpu.txt
+    python benchmarks/bench_indexes.py                       # T = 8192, Hkv = 8, D = 128, 1 thread
+    python benchmarks/bench_indexes.py --out benchmarks/results/indexes/indexes_cpu.txt
 
 One layer of keys with cluster structure and large-norm outliers (``kvpolicy.testing.clustered_keys``, T // 512
 clusters), B = 1, Hkv KV heads, Hq = gqa * Hkv query heads; queries are keys at random positions plus 0.5 N(0, 1).

@@ -1,8 +1,8 @@
-"""IceCache index targets at Llama-3.1-8B shapes: build of the whole prompt and search of every sparse layer per step.
+"""IceCache's index at Llama-3.1-8B shapes: build of the whole prompt and search of every sparse layer per step.
 
-    python benchmarks/bench_index_targets.py --device cuda --length 36864 --json out.jsonl
+    python benchmarks/bench_index_llama8b.py --device cuda --length 36864 --json out.jsonl
 
-Issue targets (H100, 36k tokens, 32 layers of which 30 sparse, 8 KV heads, 32 query heads, D = 128): index search
+The targets it checks (36k tokens, 32 layers of which 30 sparse, 8 KV heads, 32 query heads, D = 128): index search
 for all sparse layers <= 5 ms per decode step; build <= 1 s for the whole prompt. One index per layer, as in a
 decode step: the step's searches are issued layer after layer and the clock stops once, after the last one.
 Keys are clustered bf16 keys (``kvpolicy.testing.clustered_keys``-like, generated on the device); queries are keys
