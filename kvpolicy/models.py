@@ -339,8 +339,6 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
 # safetensors cache of converted GGUF models (kvpolicy.model_files)
 
 
-
-
 def _cache_key(target: _Target) -> tuple[Path, str]:
     """(converted-model dir, expected source sha256) for an alias or a GGUF path."""
     if target.kind == "alias":
