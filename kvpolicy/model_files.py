@@ -51,7 +51,6 @@ _CACHE_FORMAT = 1  # bump to invalidate every converted cache
 _CACHE_DTYPE = "bfloat16"  # dtype of the saved safetensors copy
 
 
-
 def cache_dir() -> Path:
     """Root of kvpolicy's model cache: ``$KVPOLICY_CACHE`` or ``~/.cache/kvpolicy``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvpolicy").expanduser()

@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 
-
 class ModelNotInstalledError(MissingDependencyError):
     """A model alias needs PyPI weight packages that are not installed (the message has the pip command).
 
@@ -202,8 +201,6 @@ class LoadInfo:
 # helpers
 
 
-
-
 def _as_dtype(dtype: Any) -> torch.dtype:
     import torch
 
@@ -225,8 +222,6 @@ def _as_dtype(dtype: Any) -> torch.dtype:
             return value
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. torch.float32, 'bfloat16' or 'float16'")
     raise TypeError(f"dtype must be a torch.dtype or a string, not {type(dtype).__name__}")
-
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,8 +354,6 @@ def converted_dir(name_or_path: str | os.PathLike[str]) -> Path | None:
         return None
     out, sha = _cache_key(target)
     return out if cache_valid(out, sha) else None
-
-
 
 
 # --------------------------------------------------------------------------------------------------

@@ -147,7 +147,6 @@ def _weave(
     return hay.sep.join(parts), spans, depths
 
 
-
 class _HaystackPlan(_Plan):
     """Haystack units [0, n) with fixed inserts (needles, statements) at given depths; selection = n."""
 

@@ -35,7 +35,6 @@ _NIAH: dict[str, _NiahSpec] = {
 _NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 
 
-
 def _make_niah(
     task: str, tokenizer: Any, target: int, seed: int, depth: float | None, chat: bool, sample_id: str
 ) -> TaskSample:

@@ -44,7 +44,6 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-
 def _distinct(draw: Callable[[], str], n: int, exclude: Iterable[str] = ()) -> list[str]:
     seen = set(exclude)
     out: list[str] = []
