@@ -101,7 +101,9 @@ def _row(t: dict, nbytes: int, **info) -> dict:
 
 
 def bench_attention(timer: Timer, budgets: list[int], contexts: list[int]) -> list[dict]:
-    from kvpolicy_kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+    from kvpolicy_kernels.paged_attention import paged_decode_attention_triton
+
+    from kvpolicy.attention import paged_decode_attention as paged_decode_attention_ref
 
     dev = "cuda"
     rows = []
@@ -167,8 +169,9 @@ def bench_scores(timer: Timer, C: int, k: int) -> list[dict]:
         exact_page_scores_ref,
         quest_page_scores,
         quest_page_scores_ref,
-        topk_pages,
     )
+
+    from kvpolicy.ops import topk_pages
 
     dev = "cuda"
     q = _randn(B, HQ, D)

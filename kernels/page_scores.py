@@ -1,4 +1,4 @@
-"""Fused page scoring for exact and Quest-style selectors, in Triton, with torch references; top-k on the GPU.
+"""Fused page scoring for exact and Quest-style selectors, in Triton, with torch references.
 
 * ``exact_page_scores(q, pool_k, lengths)``: a page's score for a query head is the largest ``q . k`` over
   the page's valid tokens (``ExactIndex.page_scores`` over a GPU page pool); empty pages score ``-inf``.
@@ -6,11 +6,10 @@
   key store (the ``dci_tree`` index on the GPU): keys are read once, in place, through the page table.
 * ``quest_page_scores(q, lo, hi)``: the upper bound of ``q . k`` over the page's key box,
   ``sum_d max(q_d lo_d, q_d hi_d)`` (``QuestSelector``); pages at or beyond ``num_pages`` score ``-inf``.
-* ``topk_pages(scores, k, num_kv_heads)``: each query head ranks its pages (``torch.topk``) and the GQA
-  group's rankings are interleaved (``kvpolicy.ops.gqa_merge``), as the reference selectors do.
 
 Scores are float32, unscaled (no softmax scaling), ``[B, Hq, C]``. Each program scores a block of pages of one
-KV head for all ``G = Hq // Hkv`` query heads of its group, so each key is read once per group.
+KV head for all ``G = Hq // Hkv`` query heads of its group, so each key is read once per group. The pages to
+load come from the scores by ``kvpolicy.ops.topk_pages`` (top-k per query head, then the GQA merge).
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ from kvpolicy_kernels._checks import (
     interpreting,
 )
 
-from kvpolicy.ops import gqa_merge, topk_ids
-
 __all__ = [
     "exact_page_scores",
     "exact_page_scores_ref",
@@ -36,7 +33,6 @@ __all__ = [
     "token_page_scores_ref",
     "quest_page_scores",
     "quest_page_scores_ref",
-    "topk_pages",
 ]
 
 
@@ -264,14 +260,6 @@ def quest_page_scores(
         HAS_NUM=num_pages is not None, num_warps=4,
     )
     return out
-
-
-def topk_pages(scores: torch.Tensor, k: int, num_kv_heads: int) -> torch.Tensor:
-    """Pages to load per KV head from per-query-head scores: ``[B, Hq, C]`` -> ``[B, Hkv, min(k, G*k, C)]``
-    int64, best first, ``-1``-padded; ``-inf`` pages are never chosen (``torch.topk`` on the scores' device)."""
-    B, Hq, _ = scores.shape
-    ids, _ = topk_ids(scores, k)  # [B, Hq, k']
-    return gqa_merge(ids.view(B, num_kv_heads, Hq // num_kv_heads, -1), k)
 
 
 # ---------------------------------------------------------------------------------------- torch references

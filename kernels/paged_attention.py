@@ -1,7 +1,7 @@
 """Sparse paged decode attention in Triton: [sink | selected pages | recent window], one float32 softmax.
 
-Same arguments and result as the torch reference ``kvpolicy.attention.paged_decode_attention`` (re-exported
-here as ``paged_decode_attention_ref``), computed split-K in two launches:
+Same arguments and result as the torch reference ``kvpolicy.attention.paged_decode_attention``, computed
+split-K in two launches:
 
 1. ``_split_kernel``, grid ``(B * Hkv, 1 + ceil(K / pages_per_split))``. Program ``(b, h, 0)`` attends to
    the sink and the window of KV head ``h``; program ``(b, h, s > 0)`` to the selected pages
@@ -23,9 +23,7 @@ import triton
 import triton.language as tl
 from kvpolicy_kernels._checks import check_paged_attention_inputs, check_shape, interpreting
 
-from kvpolicy.attention import paged_decode_attention as paged_decode_attention_ref
-
-__all__ = ["choose_pages_per_split", "dot_config", "paged_decode_attention_ref", "paged_decode_attention_triton"]
+__all__ = ["choose_pages_per_split", "dot_config", "paged_decode_attention_triton"]
 
 _LOG2E = 1.4426950408889634
 

@@ -1,20 +1,14 @@
 """Page-locked CPU memory for the large K/V pools, set up fast.
 
-``torch.empty(..., pin_memory=True)`` goes through ``cudaHostAlloc``. On the H100 that took 0.62 s for one
-537 MB pool (~0.9 GB/s; ``benchmarks/results/probe_pinned_alloc_h100.json``), and a 128k-token prefill of the
-Llama-3.1-8B shape allocates 30 such pools. Allocating ordinary memory and page-locking it in place with
-``cudaHostRegister`` took 0.03 s for the same 537 MB (after a 0.03 s fill).
+``torch.empty(..., pin_memory=True)`` goes through ``cudaHostAlloc``, which is slow for pools of hundreds of MB,
+and a 128k-token prefill of the Llama-3.1-8B shape allocates 30 such pools. Allocating ordinary memory and
+page-locking it in place with ``cudaHostRegister`` is many times faster (measurements: ``docs/decode.md``).
 
 So ``pinned_empty`` does the latter by default (``KVPOLICY_PIN=register``): a numpy buffer owns the memory, the
 registration lives exactly as long as that buffer (it ends when the last tensor viewing it is gone), and the
 tensor reports ``is_pinned()``. The memory is registered as mapped and portable, so kernels may read it through
 its host address (unified addressing), as they read ``cudaHostAlloc`` memory; a failed registration falls back
 to ``cudaHostAlloc``. ``KVPOLICY_PIN=alloc`` selects ``cudaHostAlloc`` (the caching host allocator of torch).
-
-Measured on the H100 at 131k tokens (IceCache, GPU index, captured steps; one process per mode,
-``benchmarks/results/pin_{alloc,register}_h100_131k.json``): the layers' pool allocation took 10.5 s with
-``alloc`` and 2.5 s with ``register``; the time to the second token fell from 30.9 s to 22.8 s (1.81x to 1.34x
-the 17.1 s prefill); time per output token was unchanged (40.7 against 40.8 ms).
 """
 
 from __future__ import annotations

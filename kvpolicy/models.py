@@ -7,34 +7,44 @@ PyPI packages (see ``docs``/research notes).  :func:`load` turns it into a dense
 1. locate the GGUF (a file inside an installed package, or chunk files that are
    concatenated once into ``$KVPOLICY_CACHE/gguf/`` and sha256-verified while writing);
 2. on the first load, dequantise it with ``transformers`` and save a bf16 safetensors copy
-   plus the tokenizer in ``$KVPOLICY_CACHE/models/<alias>/`` (10-60 s, once);
-3. every load then comes from that cache (~1 s).
+   plus the tokenizer in ``$KVPOLICY_CACHE/models/<alias>/`` (once);
+3. every load then comes from that cache (much faster; times in ``docs/cli.md``).
 
 Nothing is ever downloaded from the model hub.  ``KVPOLICY_CACHE`` defaults to
-``~/.cache/kvpolicy``.  Heavy imports (torch, transformers) happen inside functions.
+``~/.cache/kvpolicy``.  Heavy imports (torch, transformers) happen inside functions; the files, the cache and
+the loading with ``transformers`` are in :mod:`kvpolicy.model_files`.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import importlib
 import importlib.util
-import inspect
-import json
 import os
-import shutil
-import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvpolicy.errors import MissingDependencyError
+from kvpolicy.model_files import (
+    assemble_chunks,
+    cache_dir,
+    cache_valid,
+    convert_gguf,
+    find_spec,
+    load_dir,
+    load_gguf,
+    log,
+    memo_sha256,
+    offline,
+    require_gguf_deps,
+    sha256_file,
+    sha_mismatch,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -52,11 +62,6 @@ __all__ = [
     "load_tokenizer",
     "resolve",
 ]
-
-CACHE_ENV = "KVPOLICY_CACHE"
-_MARKER = "kvpolicy-cache.json"  # written last inside a converted-model dir
-_CACHE_FORMAT = 1  # bump to invalidate every converted cache
-_CACHE_DTYPE = "bfloat16"  # dtype of the saved safetensors copy
 
 
 class ModelNotInstalledError(MissingDependencyError):
@@ -193,76 +198,7 @@ class LoadInfo:
 
 
 # --------------------------------------------------------------------------------------------------
-# small helpers
-
-
-def cache_dir() -> Path:
-    """Root of kvpolicy's model cache: ``$KVPOLICY_CACHE`` or ``~/.cache/kvpolicy``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvpolicy").expanduser()
-
-
-def _log(msg: str) -> None:
-    print(f"[kvpolicy] {msg}", file=sys.stderr, flush=True)
-
-
-def _find_spec(module: str) -> Any:
-    """``importlib.util.find_spec`` that never imports the package (top-level names only)."""
-    try:
-        return importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def _sha_mismatch(path: Path, expected: str, actual: str, hint: str = "") -> ValueError:
-    return ValueError(
-        f"sha256 mismatch for {path}: expected {expected}, got {actual}.{(' ' + hint) if hint else ''}"
-    )
-
-
-def _assemble_chunks(parts: Sequence[Path], out: Path, sha256: str | None = None) -> Path:
-    """Concatenate ``parts`` into ``out`` once, verifying ``sha256`` while writing.
-
-    Writes a temp file next to ``out`` and renames it atomically, so ``out`` exists only when
-    complete and verified.  An existing ``out`` whose size equals the parts' total is reused.  On a
-    hash mismatch the temp file is deleted and ``ValueError`` names the file and both hashes.
-    """
-    parts = [Path(p) for p in parts]
-    missing = [str(p) for p in parts if not p.is_file()]
-    if missing:
-        raise FileNotFoundError("missing chunk file(s): " + ", ".join(missing))
-    total = sum(p.stat().st_size for p in parts)  # bytes
-    if out.is_file() and out.stat().st_size == total:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"assembling {out.name} from {len(parts)} chunks ({total / 2**20:.0f} MiB) into {out.parent}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    tmp = Path(tmp_name)
-    try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as o:
-            for p in parts:
-                with open(p, "rb") as i:
-                    while b := i.read(1 << 24):
-                        o.write(b)
-                        h.update(b)
-        digest = h.hexdigest()
-        if sha256 is not None and digest != sha256.lower():
-            raise _sha_mismatch(
-                out, sha256, digest, "The installed chunk packages are corrupt or the wrong version."
-            )
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+# helpers
 
 
 def _as_dtype(dtype: Any) -> torch.dtype:
@@ -286,12 +222,6 @@ def _as_dtype(dtype: Any) -> torch.dtype:
             return value
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. torch.float32, 'bfloat16' or 'float16'")
     raise TypeError(f"dtype must be a torch.dtype or a string, not {type(dtype).__name__}")
-
-
-def _offline() -> None:
-    """Never touch the model hub (must run before transformers/huggingface_hub are imported)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,7 +268,7 @@ def _lookup(name_or_path: str | os.PathLike[str]) -> _Target:
 
 
 def _require_packages(spec: ModelSpec) -> None:
-    missing = [pin for pin, mod in zip(spec.packages, spec.modules) if _find_spec(mod) is None]
+    missing = [pin for pin, mod in zip(spec.packages, spec.modules) if find_spec(mod) is None]
     if missing:
         raise ModelNotInstalledError(
             f"model {spec.alias!r} needs the PyPI package(s) {', '.join(missing)}, which are not installed. "
@@ -347,7 +277,7 @@ def _require_packages(spec: ModelSpec) -> None:
 
 
 def _package_dir(module: str) -> Path:
-    spec = _find_spec(module)
+    spec = find_spec(module)
     locations = list(getattr(spec, "submodule_search_locations", None) or [])
     if spec is None or not locations:
         raise ModelNotInstalledError(f"cannot locate the installed package {module!r}")
@@ -382,7 +312,7 @@ def _alias_gguf(spec: ModelSpec) -> Path:
                 f"    {spec.pip_command} --force-reinstall"
             )
         return path
-    return _assemble_chunks(_chunk_paths(spec), cache_dir() / "gguf" / spec.gguf_name, spec.sha256)
+    return assemble_chunks(_chunk_paths(spec), cache_dir() / "gguf" / spec.gguf_name, spec.sha256)
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> Path:
@@ -401,32 +331,7 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# safetensors cache of converted GGUF models
-
-
-def _memo_sha256(path: Path) -> str:
-    """sha256 of a user-supplied GGUF, memoised in the cache by (path, size, mtime)."""
-    memo_file = cache_dir() / "sha256-memo.json"
-    st = path.stat()
-    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    hit = memo.get(key)
-    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
-        return hit["sha256"]
-    digest = _sha256_file(path)
-    memo[key] = {"stamp": stamp, "sha256": digest}
-    try:
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".sha256-memo.", dir=memo_file.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(memo, f)
-        os.replace(tmp, memo_file)
-    except OSError:
-        pass  # memo is only an optimisation
-    return digest
+# safetensors cache of converted GGUF models (kvpolicy.model_files)
 
 
 def _cache_key(target: _Target) -> tuple[Path, str]:
@@ -435,7 +340,7 @@ def _cache_key(target: _Target) -> tuple[Path, str]:
         assert target.spec is not None
         return cache_dir() / "models" / target.spec.alias, target.spec.sha256
     assert target.path is not None and target.kind == "gguf"
-    digest = _memo_sha256(target.path)
+    digest = memo_sha256(target.path)
     for spec in ALIASES.values():  # the GGUF of a known alias shares that alias' cache
         if spec.sha256 == digest:
             return cache_dir() / "models" / spec.alias, digest
@@ -448,112 +353,7 @@ def converted_dir(name_or_path: str | os.PathLike[str]) -> Path | None:
     if target.kind == "checkpoint":
         return None
     out, sha = _cache_key(target)
-    return out if _cache_valid(out, sha) else None
-
-
-def _cache_valid(out: Path, source_sha: str) -> bool:
-    try:
-        marker = json.loads((out / _MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(marker, dict)
-        and marker.get("format") == _CACHE_FORMAT
-        and marker.get("source_sha256") == source_sha
-        and (out / "config.json").is_file()
-    )
-
-
-def _require_gguf_deps() -> None:
-    """transformers needs ``gguf`` and ``accelerate`` to read a GGUF; say so before any work."""
-    for module in ("gguf", "accelerate"):
-        if _find_spec(module) is None:
-            raise MissingDependencyError(
-                f"loading a GGUF model needs {module!r} (transformers requires it), which is not installed: "
-                f"run `pip install {module}`"
-            )
-
-
-def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    _require_gguf_deps()
-    _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {}
-    try:  # transformers >= 5.2x can keep GGUF weights packed; we want plain dense tensors
-        from transformers import GgufConfig
-
-        if "dequantize" in inspect.signature(GgufConfig.__init__).parameters:
-            kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:  # older transformers always dequantise
-        pass
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=dtype, local_files_only=True, **kwargs
-    )
-    return model.eval(), tok
-
-
-def _convert(gguf: Path, out: Path, source_sha: str, alias: str | None) -> None:
-    """Dequantise ``gguf`` and save it (bf16 safetensors + tokenizer) atomically as ``out``."""
-    import torch
-    import transformers
-
-    t0 = time.perf_counter()
-    _log(f"converting {gguf.name} to a bf16 safetensors cache at {out} (once; 10-60 s) ...")
-    model, tok = _load_gguf(gguf, torch.bfloat16)
-    # transformers 5.x refuses to save a GGUF-loaded model because of the quantizer marker, although the
-    # weights are already dense tensors; dropping the marker is lossless.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        del model
-        marker = {
-            "format": _CACHE_FORMAT,
-            "source_sha256": source_sha,
-            "source_file": gguf.name,
-            "alias": alias,
-            "dtype": _CACHE_DTYPE,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "created_unix": int(time.time()),
-        }
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)  # safetensors writes 0600
-        if _cache_valid(out, source_sha):  # another process won the race
-            return
-        old = None
-        if out.exists():  # stale cache (other source / format): move aside, then swap in
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "stale")
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not _cache_valid(out, source_sha):
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    _log(f"converted {gguf.name} in {time.perf_counter() - t0:.1f} s")
-
-
-def _load_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return model.eval(), tok
+    return out if cache_valid(out, sha) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,9 +363,9 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 @functools.cache
 def cpu_matmul_slowdown(dtype: torch.dtype, n: int = 512) -> float:
     """How many times slower an ``n``-cube matrix product runs in ``dtype`` than in float32 on this CPU (best
-    of 2 after a warm-up). Without native support, half-precision products fall back to slow paths: on the
-    2-core AVX2 CI machine bfloat16 ran 137x slower at n = 512 and ~160x at a 1.5B model's shapes (0.9 against
-    140 GFLOPS), but only 1.6x at n = 256, so the probe must not be smaller."""
+    of 2 after a warm-up). Without native support, half-precision products fall back to slow paths, whose
+    slowdown shows at n = 512 and at model shapes but hardly at n = 256, so the probe must not be smaller
+    (measurements: ``docs/eval.md``)."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -623,36 +423,36 @@ def load(
 
     if target.kind == "checkpoint":
         assert target.path is not None
-        model, tok = _load_dir(target.path, torch_dtype)
+        model, tok = load_dir(target.path, torch_dtype)
         source, src_path, gguf = "checkpoint", target.path, None
     else:
         out, sha = _cache_key(target)
         gguf = None
-        if use_cache and _cache_valid(out, sha):
+        if use_cache and cache_valid(out, sha):
             source = "cache"
         else:
-            _require_gguf_deps()
+            require_gguf_deps()
             if target.kind == "alias":
                 assert target.spec is not None
                 gguf = _alias_gguf(target.spec)  # ModelNotInstalledError before any write
-                if target.spec.source == "file" and (actual := _sha256_file(gguf)) != sha:
-                    raise _sha_mismatch(gguf, sha, actual, f"Reinstall with: {target.spec.pip_command}")
+                if target.spec.source == "file" and (actual := sha256_file(gguf)) != sha:
+                    raise sha_mismatch(gguf, sha, actual, f"Reinstall with: {target.spec.pip_command}")
             else:
                 gguf = target.path
             assert gguf is not None
             source = "gguf"
             if use_cache:
                 try:
-                    _convert(gguf, out, sha, alias)
+                    convert_gguf(gguf, out, sha, alias)
                 except OSError as e:  # e.g. read-only cache: still usable, just slow
-                    _log(f"could not write the model cache ({e}); loading the GGUF directly")
+                    log(f"could not write the model cache ({e}); loading the GGUF directly")
                     use_cache = False
         if use_cache:
-            model, tok = _load_dir(out, torch_dtype)
+            model, tok = load_dir(out, torch_dtype)
             src_path = out
         else:
             assert gguf is not None
-            model, tok = _load_gguf(gguf, torch_dtype)
+            model, tok = load_gguf(gguf, torch_dtype)
             source, src_path = "gguf-direct", gguf
     if str(device) != "cpu":
         model = model.to(device)
@@ -665,16 +465,16 @@ def load(
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
-    """Load only the tokenizer: from the safetensors cache when converted (~0.3 s), else from the GGUF
-    (5-15 s, nothing is converted) or the checkpoint directory."""
+    """Load only the tokenizer: from the safetensors cache when converted (fast), else from the GGUF
+    (slower; nothing is converted) or the checkpoint directory."""
     target = _lookup(name_or_path)
-    _offline()
+    offline()
     from transformers import AutoTokenizer
 
     if target.kind == "checkpoint":
         return AutoTokenizer.from_pretrained(target.path, local_files_only=True)
     out, sha = _cache_key(target)
-    if _cache_valid(out, sha):
+    if cache_valid(out, sha):
         return AutoTokenizer.from_pretrained(out, local_files_only=True)
     gguf = resolve(name_or_path)
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
@@ -688,7 +488,7 @@ def list_models(aliases: Iterable[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name in aliases if aliases is not None else ALIASES:
         spec = ALIASES[name]
-        installed = all(_find_spec(m) is not None for m in spec.modules)
+        installed = all(find_spec(m) is not None for m in spec.modules)
         rows.append(
             {
                 "alias": spec.alias,
@@ -698,7 +498,7 @@ def list_models(aliases: Iterable[str] | None = None) -> list[dict[str, Any]]:
                 "download_mb": spec.download_mb,
                 "license": spec.license,
                 "installed": installed,
-                "cached": _cache_valid(cache_dir() / "models" / spec.alias, spec.sha256),
+                "cached": cache_valid(cache_dir() / "models" / spec.alias, spec.sha256),
                 "pip_command": spec.pip_command,
             }
         )

@@ -10,7 +10,8 @@ import torch
 from kvpolicy.types import PAD
 
 __all__ = [
-    "check_tensor", "gqa_merge", "gqa_merge_reference", "page_max_scores", "storage_key", "topk_ids", "triton_available",
+    "check_tensor", "gqa_merge", "gqa_merge_reference", "page_max_scores", "storage_key", "topk_ids", "topk_pages",
+    "triton_available",
 ]
 
 _BIG_ID = 1 << 40  # above any page id; (id * L + pos) stays far below 2**63
@@ -53,6 +54,16 @@ def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
         if ranked.shape[-2] * ranked.shape[-1] <= MAX_ENTRIES:
             return gqa_merge_triton(ranked, k)
     return gqa_merge_reference(ranked, k)
+
+
+def topk_pages(scores: torch.Tensor, k: int, num_kv_heads: int) -> torch.Tensor:
+    """Pages to load per KV head from per-query-head page scores (e.g. from ``kvpolicy_kernels.page_scores``):
+    ``[B, Hq, C]`` -> ``[B, Hkv, min(k, G*k, C)]`` int64, best first, ``-1``-padded; ``-inf`` pages are never
+    chosen. Each query head ranks its pages (``torch.topk`` on the scores' device), then the GQA group's
+    rankings are interleaved (:func:`gqa_merge`), as the reference selectors do."""
+    B, Hq, _ = scores.shape
+    ids, _ = topk_ids(scores, k)  # [B, Hq, k']
+    return gqa_merge(ids.view(B, num_kv_heads, Hq // num_kv_heads, -1), k)
 
 
 def storage_key(*tensors: torch.Tensor) -> tuple:

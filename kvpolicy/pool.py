@@ -57,7 +57,8 @@ class PagePool:
         C = capacity
         # a tracked pool's pages are written whole (``write`` zero-fills the unused slots of every page it
         # writes) before any id can select them, so its K/V need no zero fill (a small saving: 8 ms per 537 MB
-        # on the H100 host, probe_pinned_alloc_h100.json). A slot pool is zeroed (cheap, on the device).
+        # on the H100 host, benchmarks/results/decode/pinned_alloc_probe_h100.json). A slot pool is zeroed
+        # (cheap, on the device).
         self._kv_fill = None if track_tokens else 0
         self.k = _empty((B, H, C, S, D), dtype, self.device, self.pinned, self._kv_fill)  # [B, Hkv, C, S, D]
         self.v = _empty((B, H, C, S, D), dtype, self.device, self.pinned, self._kv_fill)  # [B, Hkv, C, S, D]

@@ -1,7 +1,8 @@
 """Plugin discovery over pluggy: entry points of the group ``kvpolicy`` register classes and presets.
 
-Built-in parts are plugins too (``kvpolicy.reference.plugin``, ``kvpolicy_icecache.plugin``,
-``kvpolicy_contrib.plugin``, ``kvpolicy_kernels.plugin``), loaded through the same entry points as third-party ones.
+Built-in parts are plugins too (``kvpolicy.reference.plugin``, the core's own, which also registers every
+transfer; ``kvpolicy_icecache.plugin``; ``kvpolicy_contrib.plugin``), loaded through the same entry points as
+third-party ones.
 
 * A duplicate (kind, name) is an error naming both distributions; nothing of the offending plugin is kept.
 * A plugin that fails to import (or whose hook raises) is reported with its name and skipped; with the

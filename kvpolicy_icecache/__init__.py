@@ -1,2 +1,3 @@
 """IceCache reference plugin (Mao, Wang, Ester, Li, 2026): DCI-tree semantic pages, head-specific
-retrieval, incremental insertion, bulk loading and layer reuse. Parts arrive with issue [2/5]."""
+retrieval, incremental insertion and layer reuse. Its presets load pages with the core's ``bulk_load``
+transfer (``kvpolicy.transfers``)."""

@@ -24,7 +24,7 @@ class IceCacheSelector(Selector):
     knobs follow the reference decode loop (yuzhenmao/IceCache ``infer_state.py``): field of view
     ``max(fov_ratio * T, min_field_of_view)`` = max(0.0015 T, 30). The reference scans cells with
     ``prop_to_retrieve = 0.8``; here ``prop_to_retrieve``/``prop_to_visit`` default to None, i.e. the index's
-    exact cell scan (measured: higher recall and faster in batched form, see the ``dci_tree`` docstring).
+    exact cell scan (higher recall, and pruning saves no time in the batched scan: ``docs/icecache.md``).
 
     Layer reuse (``reuse=True``, preset ``icecache-reuse``): anchor layers ``first_anchor, first_anchor +
     reuse_group, ...`` (reference: 2, 5, 8, ...) search; the next ``reuse_group - 1`` layers reuse the

@@ -1,4 +1,5 @@
-"""Entry point of the IceCache plugin (group ``kvpolicy``): the DCI-tree index and its presets."""
+"""Entry point of the IceCache plugin (group ``kvpolicy``): the DCI-tree index, the IceCache selector and the
+presets (which load pages with the core's ``bulk_load`` transfer)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,6 @@ def kvpolicy_register_selectors():
     from kvpolicy_icecache.icecache_selector import IceCacheSelector
 
     return [IceCacheSelector]
-
-
-@hookimpl
-def kvpolicy_register_transfers():
-    from kvpolicy_icecache.bulk_load_transfer import BulkLoadTransfer
-
-    return [BulkLoadTransfer]
 
 
 @hookimpl

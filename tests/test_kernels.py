@@ -187,8 +187,9 @@ def test_page_scores_match_reference_cuda(D, Hq, dtype):
         exact_page_scores_ref,
         quest_page_scores,
         quest_page_scores_ref,
-        topk_pages,
     )
+
+    from kvpolicy.ops import topk_pages
 
     B, H, C, S = 2, 2, 300, 16
     g = torch.Generator().manual_seed(D + Hq)
@@ -496,7 +497,9 @@ def test_attention_input_errors():
 @needs_triton
 def test_copy_and_score_references_match_naive_loops():
     from kvpolicy_kernels.page_copy import gather_pages_ref, scatter_pages_ref
-    from kvpolicy_kernels.page_scores import exact_page_scores_ref, quest_page_scores_ref, topk_pages
+    from kvpolicy_kernels.page_scores import exact_page_scores_ref, quest_page_scores_ref
+
+    from kvpolicy.ops import topk_pages
 
     g = torch.Generator().manual_seed(3)
     B, H, C, S, D, K = 2, 3, 9, 4, 5, 6

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpolicy import models
+from kvpolicy import model_files, models
 from kvpolicy.models import ALIASES, ModelNotInstalledError, ModelSpec
 
 PIN = re.compile(r"^[a-z0-9][a-z0-9.-]*==\d+(\.\d+)*$")
@@ -95,10 +95,10 @@ def test_assemble_chunks_once_and_verified(tmp_path):
     whole = b"".join(blobs)
     sha = hashlib.sha256(whole).hexdigest()
     out = tmp_path / "cache" / "gguf" / "model.gguf"
-    assert models._assemble_chunks(parts, out, sha) == out
+    assert model_files.assemble_chunks(parts, out, sha) == out
     assert out.read_bytes() == whole
     stamp = out.stat().st_mtime_ns
-    models._assemble_chunks(parts, out, sha)  # second call reuses the file
+    model_files.assemble_chunks(parts, out, sha)  # second call reuses the file
     assert out.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]  # no temp files left
 
@@ -108,12 +108,12 @@ def test_assemble_chunks_sha_mismatch(tmp_path):
     out = tmp_path / "out" / "model.gguf"
     wrong = "0" * 64
     with pytest.raises(ValueError) as e:
-        models._assemble_chunks(parts, out, wrong)
+        model_files.assemble_chunks(parts, out, wrong)
     msg = str(e.value)
     assert str(out) in msg and wrong in msg and hashlib.sha256(b"abcdef").hexdigest() in msg
     assert not out.exists() and list(out.parent.iterdir()) == []  # temp file removed
     with pytest.raises(FileNotFoundError, match="missing chunk"):
-        models._assemble_chunks([tmp_path / "absent.bin"], out, None)
+        model_files.assemble_chunks([tmp_path / "absent.bin"], out, None)
 
 
 def test_chunked_alias_is_assembled_into_the_cache(monkeypatch, tmp_path):

@@ -21,7 +21,7 @@ def test_no_top_level_kernels_package_in_the_repository():
     # kernels/ is a plain folder (no __init__.py): from the repository root it can only be a namespace portion,
     # which any installed regular package named `kernels` takes precedence over
     assert not (REPO / "kernels" / "__init__.py").exists()
-    spec = importlib.util.find_spec("kvpolicy_kernels.plugin")
+    spec = importlib.util.find_spec("kvpolicy_kernels._checks")
     assert spec is not None and Path(spec.origin).parent == REPO / "kernels"
 
 
@@ -31,7 +31,7 @@ def test_transformers_kvpolicy_and_hub_kernels_in_one_process(where, tmp_path):
     hub = importlib.util.find_spec("kernels") is not None and _run(
         "import kernels, sys; sys.exit(0 if hasattr(kernels, 'get_kernel') else 1)", tmp_path).returncode == 0
     code = (
-        "import transformers, kvpolicy, kvpolicy_kernels.plugin;"
+        "import transformers, kvpolicy, kvpolicy_kernels._checks;"
         "import transformers.models.llama.modeling_llama;"
         "from kvpolicy.hf import register_attention; register_attention();"
         + ("import kernels; assert hasattr(kernels, 'get_kernel'), kernels.__file__;" if hub else "")
@@ -43,7 +43,7 @@ def test_transformers_kvpolicy_and_hub_kernels_in_one_process(where, tmp_path):
 
 
 def test_kernels_import_is_light(tmp_path):
-    out = _run("import sys, kvpolicy_kernels.plugin; print('triton' in sys.modules, 'transformers' in sys.modules)",
+    out = _run("import sys, kvpolicy_kernels._checks; print('triton' in sys.modules, 'transformers' in sys.modules)",
                tmp_path)
     assert out.stdout.split() == ["False", "False"], out.stderr
 
@@ -51,3 +51,15 @@ def test_kernels_import_is_light(tmp_path):
 def test_kvpolicy_import_does_not_load_transformers(tmp_path):
     out = _run("import sys, kvpolicy; kvpolicy.get_registry(); print('transformers' in sys.modules)", tmp_path)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_kernels_are_a_leaf():
+    # kernels/ imports nothing from kvpolicy (the parts that run a kernel import it, never the other way round)
+    import ast
+
+    for path in sorted((REPO / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] != "kvpolicy", f"{path.name} imports {name}"

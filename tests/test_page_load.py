@@ -59,9 +59,8 @@ def _pools(B=1, H=2, C=12, N=6, S=4, D=8, dtype=torch.float32, dst_device="cpu",
 
 
 def test_uva_transfer_falls_back_to_a_plain_copy_on_cpu():
-    from kvpolicy_kernels.uva_transfer import UVATransfer
-
-    from kvpolicy.reference.sync_transfer import SyncTransfer
+    from kvpolicy.transfers.sync_transfer import SyncTransfer
+    from kvpolicy.transfers.uva_transfer import UVATransfer
 
     torch.manual_seed(1)
     src, dst_a = _pools()

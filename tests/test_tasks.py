@@ -272,6 +272,12 @@ def test_scorers():
     assert T.score_sample(s, "Lyon") == 0.0
 
 
+def test_every_task_has_one_generator_and_the_family_modules_share_them():
+    assert tuple(T.GENERATORS) == T.TASKS
+    assert {T.GENERATORS[t].__module__.rsplit(".", 1)[-1] for t in T.TASKS} == {
+        "passkey", "niah", "variable_tracking", "common_words", "frequent_words", "qa"}
+
+
 def test_resolve_tasks():
     assert T.resolve_tasks("ruler") == list(T.TASKS[1:]) and "passkey" not in T.SUITES["ruler"]
     assert len(T.SUITES["ruler"]) == 13

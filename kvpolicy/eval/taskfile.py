@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvpolicy.eval.tasks import TaskSample, _assemble, _Built, _Context, _make_frame, _use_chat
+from kvpolicy.eval.tasks.prompt import _assemble, _Built, _Context, _make_frame, _use_chat
+from kvpolicy.eval.tasks.sample import TaskSample
 from kvpolicy.eval.text import tokenize
 
 __all__ = ["FILE_INSTRUCTION", "FILE_ANSWER_PREFIX", "TaskFileProblem", "make_file_sample", "read_task_file"]

@@ -1,4 +1,5 @@
-"""The core's own plugin: reference parts and presets (loaded through the ``kvpolicy`` entry points)."""
+"""The core's own plugin (loaded through the ``kvpolicy`` entry points): the reference parts, every transfer
+(``kvpolicy.transfers``: ``sync``, ``bulk_load``, ``uva``) and the reference presets."""
 
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ def kvpolicy_register_allocators():
 
 @hookimpl
 def kvpolicy_register_transfers():
-    from kvpolicy.reference.sync_transfer import SyncTransfer
+    from kvpolicy.transfers.bulk_load_transfer import BulkLoadTransfer
+    from kvpolicy.transfers.sync_transfer import SyncTransfer
+    from kvpolicy.transfers.uva_transfer import UVATransfer
 
-    return [SyncTransfer]
+    return [SyncTransfer, BulkLoadTransfer, UVATransfer]
 
 
 @hookimpl

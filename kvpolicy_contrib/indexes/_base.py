@@ -22,7 +22,7 @@ restored after the call, per calling thread; hnswlib: ``num_threads=``). One thr
 holds the G query heads of one (b, KV head), too few to amortise an OpenMP fork, because HNSW graphs built
 with several threads depend on thread scheduling (with one thread and the fixed seeds every build is
 reproducible; conformance checks that two builds search identically), and because on the 2-core test machine
-2 faiss threads made PQ training 8x slower (1.3 s -> 10.7 s for 4096 x 64 keys), not faster.
+2 faiss threads made PQ training slower, not faster (``docs/indexes.md``).
 """
 
 from __future__ import annotations
