@@ -334,19 +334,25 @@ class PolicyLayer:
         self.allocator.setup(B, H, n, self.device)
         self.allocator.ensure_pages(self.cpu_pool.capacity)
 
-    def _step_budget(self):
-        """The budget of this step: the policy's, or unlimited while the context fits in it (then every page is
-        attended, as the whole cache would be; counted in ``stats.covered_steps``)."""
+    def _step_budget(self, seq_len: int):
+        """The budget of a decode step over ``seq_len`` tokens: the policy's, or unlimited while the context fits in
+        it (then every page is attended, as the whole cache would be; counted in ``stats.covered_steps``)."""
         bt = self.budget.tokens
-        if bt is not None and self.seq_len <= bt:
+        if bt is not None and seq_len <= bt:
             return dataclasses.replace(self.budget, retrieved_pages=None)
         return self.budget
+
+    def step_context(self, scaling: float, prev_selection: Selection | None, seq_len: int) -> SelectContext:
+        """The context of a decode step over ``seq_len`` tokens (its budget from ``_step_budget``). Builds,
+        insertions and ``Selector.prepare`` see the policy's own budget (``context``)."""
+        return dataclasses.replace(self.context(scaling, prev_selection), seq_len=seq_len,
+                                   budget=self._step_budget(seq_len))
 
     def context(self, scaling: float = 1.0, prev_selection: Selection | None = None) -> SelectContext:
         return SelectContext(
             layer=self.layer_idx,
             step=self.step,
-            budget=self._step_budget(),
+            budget=self.budget,
             seq_len=self.seq_len,
             index=self.index,
             pool=self.cpu_pool,
@@ -389,7 +395,7 @@ class PolicyLayer:
         self.seq_len += 1
         st = self.stats
         t0 = self._now()
-        ctx = self.context(scaling, prev_selection)
+        ctx = self.step_context(scaling, prev_selection, self.seq_len)
         if ctx.budget is not self.budget:
             st.covered_steps += 1
         graph_key = self._capture_key(ctx, query, scaling, softcap) if self.cuda_graphs else None
@@ -477,7 +483,7 @@ class PolicyLayer:
         self._settle_for_prefetch()
         if not self.index.num_tokens:
             return False
-        ctx = dataclasses.replace(self.context(scaling, prev_selection), seq_len=self.seq_len + 1)
+        ctx = self.step_context(scaling, prev_selection, self.seq_len + 1)
         stream = event = None
         if self.device.type == "cuda":
             if self._ahead_stream is None:

@@ -66,9 +66,6 @@ def test_unknown_names_suggest_close_matches():
 
 def test_layer_rejects_bad_prefill_before_changing_state():
     layer = PolicyLayer(Policy.preset("oracle", budget=128), 0)
-    with pytest.raises(ValueError, match="larger than the context"):
-        layer.prefill(torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16))
-    assert not layer.prefilled and layer.cpu_pool is None
     with pytest.raises(ValueError, match="dims"):
         layer.prefill(torch.randn(2, 100, 16), torch.randn(2, 100, 16))
     with pytest.raises(TypeError, match="floating"):
@@ -80,6 +77,19 @@ def test_layer_rejects_bad_prefill_before_changing_state():
     with pytest.raises(ValueError, match="query must be"):
         layer.decode(torch.randn(1, 3, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), scaling=0.25)
     assert layer.seq_len == 200 and layer.stats.steps == 0
+
+
+def test_prepare_and_insertions_see_the_policy_budget_while_steps_see_the_covered_one():
+    """A budget above the context covers the decode steps (every page), but the build's ``Selector.prepare`` and
+    the insertions see the policy's own budget (a selector sizes its state from it: H2O's kept set)."""
+    layer = PolicyLayer(Policy.preset("oracle", budget=128), 0)
+    seen = []
+    real = layer.selector.prepare
+    layer.selector.prepare = lambda keys, layout, ctx: (seen.append(ctx.budget), real(keys, layout, ctx))[1]
+    layer.prefill(torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16))
+    assert seen == [layer.budget] and seen[0].retrieved_pages is not None
+    assert layer.step_context(1.0, None, 101).budget.retrieved_pages is None  # 101 <= 128: covered
+    assert layer.step_context(1.0, None, 129).budget == layer.budget
 
 
 def test_batch_size_above_a_part_limit():

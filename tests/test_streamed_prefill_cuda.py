@@ -83,7 +83,7 @@ def _peak_after(model, length: int, policy: str, chunk: int) -> tuple[int, int]:
     return peak, index
 
 
-@pytest.mark.parametrize("policy", ["quest:uva", "exact-topk:uva"])
+@pytest.mark.parametrize("policy", ["exact-topk:uva", "streaming:uva"])
 def test_gpu_memory_does_not_grow_with_the_context(policy):
     """8k and 32k tokens of a 4-layer model with 8 KV heads of 128, no dense layers: the dense KV would grow by
     384 MiB; the streamed policy's peak grows by its GPU index plus 48 MiB at most (Quest's page minima and maxima,

@@ -77,6 +77,7 @@ def synthetic_fill(model, cache, length: int, *, seed: int = 0) -> None:
         if isinstance(layer, PolicyCacheLayer):
             layer.lazy_initialization(k, v)
             layer.prefill(k, v)
+            layer.state.wait_ready()  # its build holds this layer's K/V: one layer's at a time, as documented
         else:
             layer.update(k, v)
         del k, v
