@@ -55,12 +55,17 @@ def _float_list(s: str) -> list[float]:
 
 
 def cmd_plugins(args) -> int:
-    from kvpolicy.registry import get_registry
+    import warnings
 
-    reg = get_registry()
+    from kvpolicy.registry import Registry
+
+    with warnings.catch_warnings():  # never strict here: list what loaded, then what was skipped and why
+        warnings.simplefilter("ignore")
+        reg = Registry(strict=False)
     rows = [e.as_dict() for e in reg.entries()]
     if args.json:
         print(json.dumps(rows, indent=2))
+        _print_skipped(reg)
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -74,9 +79,13 @@ def cmd_plugins(args) -> int:
         about = (e.obj.__doc__ or "").strip().split("\n")[0] if e.kind != "preset" else _preset_text(e.obj)
         t.add_row(e.kind, e.name, e.distribution, e.version, about.replace("``", ""))
     Console().print(t)
-    for b in reg.broken:
-        print(f"broken plugin {b.plugin!r} ({b.distribution}): {b.error}", file=sys.stderr)
+    _print_skipped(reg)
     return 0
+
+
+def _print_skipped(reg) -> None:
+    for b in reg.broken:
+        print(f"skipped plugin {b.plugin!r} ({b.distribution}): {b.error}", file=sys.stderr)
 
 
 def _preset_text(cfg: dict) -> str:
@@ -456,10 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from kvpolicy.errors import PluginError
+
     try:
         return args.fn(args)
-    except (ValueError, TypeError, ImportError, FileNotFoundError, NotImplementedError) as e:
-        print(f"kvpolicy {args.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, ImportError, OSError, NotImplementedError, PluginError) as e:
+        print(f"kvpolicy {args.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

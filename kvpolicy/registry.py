@@ -1,12 +1,14 @@
 """Plugin discovery over pluggy: entry points of the group ``kvpolicy`` register classes and presets.
 
 Built-in parts are plugins too (``kvpolicy.reference.plugin``, the core's own, which also registers every
-transfer; ``kvpolicy_icecache.plugin``; ``kvpolicy_contrib.plugin``), loaded through the same entry points as
-third-party ones.
+transfer; ``kvpolicy_icecache.plugin``; ``kvpolicy_contrib.plugin``). They are registered first, by module (not
+through their entry-point names), so no other distribution can shadow them; third-party entry points come after.
 
-* A duplicate (kind, name) is an error naming both distributions; nothing of the offending plugin is kept.
-* A plugin that fails to import (or whose hook raises) is reported with its name and skipped; with the
-  environment variable ``KVPOLICY_STRICT_PLUGINS=1`` it re-raises (CI runs strict).
+* A third-party plugin that registers a taken (kind, name) is reported naming both distributions and skipped
+  whole; the built-in (first-registered) part keeps the name.
+* A plugin that fails to import, whose hook raises, that marks a hook name kvpolicy does not define (a typo), or
+  whose preset names an unknown part is reported with its name and skipped (the preset alone, for presets).
+* With the environment variable ``KVPOLICY_STRICT_PLUGINS=1`` every such report raises instead (CI runs strict).
 * Lookups of unknown names suggest close matches.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 import pluggy
 
 from kvpolicy import hookspecs
-from kvpolicy.errors import DuplicatePluginError, PluginLoadError, UnknownNameError, suggest
+from kvpolicy.errors import DuplicatePluginError, PluginError, PluginLoadError, UnknownNameError, suggest
 from kvpolicy.interfaces import Index, PageAllocator, Selector, Transfer
 
 __all__ = ["BrokenPlugin", "Entry", "Registry", "get_registry", "reset_registry", "STRICT_ENV"]
@@ -35,6 +37,13 @@ _HOOKS = {
     "transfer": "kvpolicy_register_transfers",
     "preset": "kvpolicy_register_presets",
 }
+# (plugin name, module) of the built-in plugins, registered in this order before any entry point
+BUILTIN_PLUGINS = (
+    ("reference", "kvpolicy.reference.plugin"),
+    ("icecache", "kvpolicy_icecache.plugin"),
+    ("contrib", "kvpolicy_contrib.plugin"),
+)
+_PART_KINDS = ("selector", "index", "allocator", "transfer")
 _BASES = {"index": Index, "selector": Selector, "allocator": PageAllocator, "transfer": Transfer}
 
 
@@ -67,6 +76,13 @@ def _strict_default() -> bool:
 _PLURAL = {"index": "indexes"}
 
 
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("kvpolicy")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 class Registry:
     """All registered parts and presets, keyed by (kind, name)."""
 
@@ -81,28 +97,64 @@ class Registry:
 
     # ------------------------------------------------------------ loading
     def load_entrypoints(self, group: str = hookspecs.PROJECT) -> None:
-        """Import every entry point of ``group`` and register what its hooks return."""
-        eps = sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name)
-        for ep in eps:
+        """Register the built-in plugins (by module), then every other entry point of ``group``."""
+        builtin_modules = set()
+        if group == hookspecs.PROJECT:
+            version = _own_version()
+            for name, module in BUILTIN_PLUGINS:
+                builtin_modules.add(module)
+                if not self._pm.has_plugin(name):
+                    self._load_one(name, lambda m=module: importlib.import_module(m), "kvpolicy", version)
+        seen: set[tuple[str, str, str]] = set()
+        for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name):
             dist = ep.dist.metadata["Name"] if ep.dist is not None else "<unknown>"
             version = ep.dist.version if ep.dist is not None else ""
-            if self._pm.has_plugin(ep.name) or self._pm.is_blocked(ep.name):
+            if (dist == "kvpolicy" and ep.value in builtin_modules) or (dist, ep.name, ep.value) in seen:
+                continue  # registered above by module, or the same distribution found twice on sys.path
+            seen.add((dist, ep.name, ep.value))
+            if self._pm.is_blocked(ep.name):
                 continue
-            try:
-                module = ep.load()
-                self.register(module, name=ep.name, distribution=dist, version=version)
-            except DuplicatePluginError:
-                raise
-            except Exception as e:  # a broken third-party plugin must not take the others down
-                msg = f"kvpolicy plugin {ep.name!r} from {dist} {version} failed to load: {type(e).__name__}: {e}"
-                if self.strict:
-                    raise PluginLoadError(msg) from e
-                warnings.warn(msg + f" (skipped; set {STRICT_ENV}=1 to raise)", RuntimeWarning, stacklevel=2)
-                self.broken.append(BrokenPlugin(ep.name, dist, f"{type(e).__name__}: {e}"))
+            name = ep.name if not self._pm.has_plugin(ep.name) else f"{dist}:{ep.name}"
+            self._load_one(name, ep.load, dist, version)
+        self._check_presets()
+
+    def _load_one(self, name: str, load, distribution: str, version: str) -> None:
+        try:
+            self.register(load(), name=name, distribution=distribution, version=version)
+        except Exception as e:  # a broken third-party plugin must not take the others down
+            self._report(name, distribution, version, e)
+
+    def _report(self, plugin: str, distribution: str, version: str, e: Exception) -> None:
+        """Raise in strict mode, else warn and remember the skipped plugin (``kvpolicy plugins`` lists them)."""
+        why = str(e) if isinstance(e, PluginError) else f"{type(e).__name__}: {e}"
+        msg = f"kvpolicy plugin {plugin!r} from {distribution} {version}".rstrip() + f" skipped: {why}"
+        if self.strict:
+            if isinstance(e, PluginError):
+                raise type(e)(msg) from e
+            raise PluginLoadError(msg) from e
+        warnings.warn(msg + f" (set {STRICT_ENV}=1 to raise)", RuntimeWarning, stacklevel=3)
+        self.broken.append(BrokenPlugin(plugin, distribution, why))
+
+    def _check_presets(self) -> None:
+        """Drop (and report) presets that name a part nothing registered."""
+        for (kind, key), entry in list(self._entries.items()):
+            if kind != "preset":
+                continue
+            for part in _PART_KINDS:
+                value = entry.obj.get(part)
+                name = value.get("name") if isinstance(value, dict) else value
+                if name is None or not isinstance(name, str) or (part, name) in self._entries:
+                    continue
+                del self._entries[(kind, key)]
+                known = self.names(part)
+                err = PluginLoadError(f"preset {key!r} names unknown {part} {name!r}.{suggest(name, known)}")
+                self._report(entry.plugin, entry.distribution, entry.version, err)
+                break
 
     def register(self, plugin: Any, *, name: str | None = None, distribution: str = "<local>", version: str = ""):
         """Register a plugin object (a module or any object with hookimpls). All or nothing."""
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        self._check_hooks(plugin, name)
         self._pm.register(plugin, name=name)
         try:
             new = self._collect(plugin, name, distribution, version)
@@ -111,6 +163,16 @@ class Registry:
             raise
         self._entries.update(new)
         return name
+
+    def _check_hooks(self, plugin: Any, name: str) -> None:
+        """A marked function with a name kvpolicy does not define, or a hook function left unmarked, is an error."""
+        known = sorted(_HOOKS.values())
+        for attr in dir(plugin):
+            marked = self._pm.parse_hookimpl_opts(plugin, attr) is not None
+            if marked and attr not in known:
+                raise PluginLoadError(f"plugin {name!r}: {attr!r} is not a kvpolicy hook.{suggest(attr, known)}")
+            if not marked and attr in known and callable(getattr(plugin, attr, None)):
+                raise PluginLoadError(f"plugin {name!r}: {attr!r} is not marked with @kvpolicy.hookimpl")
 
     def _collect(self, plugin, name, distribution, version) -> dict[tuple[str, str], Entry]:
         new: dict[tuple[str, str], Entry] = {}
@@ -128,7 +190,7 @@ class Registry:
                     if other is not None:
                         raise DuplicatePluginError(
                             f"{kind} {key!r} is registered twice: by {other.distribution} (plugin "
-                            f"{other.plugin!r}) and by {distribution} (plugin {name!r}); rename one of them"
+                            f"{other.plugin!r}) and by {distribution} (plugin {name!r}); the first keeps the name"
                         )
                     new[(kind, key)] = entry
         return new
