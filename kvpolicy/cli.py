@@ -204,10 +204,15 @@ def cmd_eval(args) -> int:
         from kvpolicy.eval.taskfile import make_file_sample
 
         source = [make_file_sample(r, tok) for r in records]
-    run_eval(model, tok, model_name=args.model_name or args.model, policies=policies, budgets=args.budget, tasks=tasks,
-             lengths=lengths, samples=args.samples, out=args.out, seed=args.seed, samples_source=source,
-             fidelity=args.fidelity, prefill_chunk=args.prefill_chunk)
+    failed: list[dict] = []
+    rows = run_eval(model, tok, model_name=args.model_name or args.model, policies=policies, budgets=args.budget,
+                    tasks=tasks, lengths=lengths, samples=args.samples, out=args.out, seed=args.seed,
+                    samples_source=source, fidelity=args.fidelity, prefill_chunk=args.prefill_chunk, failed=failed)
     Console().print(markdown_report(read_rows(args.out)))
+    if failed:
+        print(f"kvpolicy eval: error: {len(failed)} of {len(failed) + len(rows)} cells failed (rows with 'error' "
+              f"in {args.out}; a rerun tries them again)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -329,8 +334,15 @@ def cmd_bench_decode(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvpolicy", description=__doc__)
+    p = _Parser(prog="kvpolicy", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("plugins", help="list registered indexes, selectors, allocators, transfers, presets")
@@ -463,11 +475,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_AT_LEAST = {"samples": 1, "max_new_tokens": 1, "steps": 1, "breakdown_steps": 0, "queries": 1, "page_size": 1,
+             "length": 1, "budget": 1, "prefill_chunk": 1}
+_READ_FILES = ("prompt_file", "task_file")
+_WRITE_FILES = ("out", "json", "markdown")
+
+
+def _check_args(args) -> None:
+    """Reject bad numbers, paths and devices before anything is imported or loaded (one-line errors)."""
+    for name, least in _AT_LEAST.items():
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {v}")
+    if getattr(args, "prompt", None) == "":
+        raise ValueError("--prompt is empty")
+    for v in getattr(args, "depths", None) or []:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"--depths must lie in [0, 1], got {v}")
+    for name in _READ_FILES:
+        path = getattr(args, name, None)
+        if path is not None and not os.path.isfile(path):
+            why = "is a directory" if os.path.isdir(path) else "is not a regular file" if os.path.exists(path) \
+                else "does not exist"
+            raise ValueError(f"--{name.replace('_', '-')} {path!r} {why}")
+    for name in _WRITE_FILES:
+        path = getattr(args, name, None)
+        if isinstance(path, str) and os.path.exists(path) and not os.path.isfile(path):
+            why = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise ValueError(f"--{name} {path!r} must be a regular file path (created if missing), not {why}")
+    device = getattr(args, "device", None)
+    if device:
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}: give cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from kvpolicy.errors import PluginError
 
     try:
+        _check_args(args)
         return args.fn(args)
     except (ValueError, TypeError, ImportError, OSError, NotImplementedError, PluginError) as e:
         print(f"kvpolicy {args.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)

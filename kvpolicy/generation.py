@@ -86,6 +86,9 @@ def prepare_inputs(tokenizer_or_inputs: Any, prompt: str | None, *, chat: bool, 
     elif hasattr(obj, "encode"):
         if prompt is None:
             raise ValueError("a prompt is required when a tokenizer is passed")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be one string, got {type(prompt).__name__}; for a batch pass a [B, T] "
+                            "tensor of ids (rows of equal length)")
         if chat and getattr(obj, "chat_template", None):
             ids = obj.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
@@ -99,6 +102,8 @@ def prepare_inputs(tokenizer_or_inputs: Any, prompt: str | None, *, chat: bool, 
     ids = inputs["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError("input_ids must be an integer tensor [B, T]")
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty (0 tokens): give at least one token")
     mask = inputs.get("attention_mask")
     if mask is not None and not bool(mask.bool().all()):
         raise ValueError("padded batches are not supported by kvpolicy policies: give rows of equal length")

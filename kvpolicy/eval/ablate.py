@@ -50,9 +50,12 @@ def parse_length(s: str | int) -> int:
         return s
     t = s.strip().lower()
     try:
-        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+        n = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
     except ValueError:
         raise ValueError(f"length {s!r} is not a number of tokens like 4096 or 4k") from None
+    if n <= 0:
+        raise ValueError(f"length {s!r} must be a positive number of tokens")
+    return n
 
 
 def _sync(dev: torch.device) -> None:

@@ -8,7 +8,8 @@ question visible to its observation window (``snapkv``) and hidden from it (``sn
 before the question).
 
 One JSON object per (sample, policy, budget) is appended to ``out`` as soon as it is known, so a run that stops
-can be resumed: rows already in the file (same model, task, length, sample, policy, budget, seed) are skipped.
+can be resumed: rows already in the file (same model, task, length, sample, policy, budget, seed) are skipped;
+error rows of failed cells are tried again and replaced (``kvpolicy.eval.results_file``).
 ``kvpolicy report`` aggregates rows into tables and plots.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy.eval.results_file import check_results_path, open_results
 from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
 from kvpolicy.generation import prefill
 from kvpolicy.hf import KVPolicyCache, policy_attention
@@ -88,7 +90,7 @@ def row_key(row: dict[str, Any]) -> tuple:
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a results file (a missing file is empty; a torn last line from an interrupted run is skipped)."""
-    p = Path(path)
+    p = check_results_path(path)
     if not p.exists():
         return []
     rows = []
@@ -102,6 +104,10 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def _task_length(unit) -> tuple[str, int]:
+    return (unit.task, unit.target_tokens) if isinstance(unit, TaskSample) else unit
 
 
 def _git_sha() -> str | None:
@@ -156,12 +162,15 @@ def run_eval(
     continuation: int = 64,
     progress: bool = True,
     prefill_chunk: int | None = None,
+    failed: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the grid and append rows to ``out``; return the rows written now. ``samples_source`` replaces the
     generated samples (``--task-file``): then ``tasks``/``lengths``/``samples`` are ignored. ``fidelity`` adds,
     per length, one row per (policy, budget) of attention fidelity and perplexity on the essays
     (``kvpolicy.eval.fidelity``). ``prefill_chunk`` streams the shared dense prefill, that many tokens per forward
-    (exact: the same rows, less activation memory)."""
+    (exact: the same rows, less activation memory). Cells that fail are written as rows with an ``error`` (and
+    appended to ``failed``); a rerun tries them again and replaces those rows. An advisory lock on ``out`` refuses
+    a second concurrent writer (``ResultsLockedError``)."""
     from rich.progress import Progress
     from transformers import DynamicCache
 
@@ -171,13 +180,7 @@ def run_eval(
         for L in lengths:
             if max_len and L > max_len:
                 raise ValueError(f"length {L} is beyond the model's context of {max_len} tokens")
-    done = {row_key(r) for r in read_rows(out) if "error" not in r}  # failed cells are tried again
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if Path(out).exists() and Path(out).stat().st_size:
-        with open(out, "rb+") as f:  # a run killed mid-line left a torn row: end it, so new rows start clean
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+    check_results_path(out)
     sha = _git_sha()
     previous = model.config._attn_implementation
     written: list[dict[str, Any]] = []
@@ -193,7 +196,12 @@ def run_eval(
                     yield i, (task, L)
 
     units = list(plan())
-    with Progress(disable=not progress) as bar, open(out, "a", encoding="utf-8") as f:
+    planned = {(model_name, *_task_length(u), i, j.label, j.budget, seed) for i, u in units for j in jobs}
+    if fidelity:
+        planned |= {(model_name, "fidelity", L, 0, j.label, j.budget, seed) for L in lengths for j in jobs}
+    retried = lambda r: "error" in r and row_key(r) in planned  # noqa: E731  (a rerun replaces its error rows)
+    with open_results(out, drop=retried) as f, Progress(disable=not progress) as bar:
+        done = {row_key(r) for r in read_rows(out) if "error" not in r}  # failed cells are tried again
         t_all = bar.add_task("eval", total=len(units) * len(jobs))
         for i, unit in units:
             if isinstance(unit, TaskSample):
@@ -230,6 +238,9 @@ def run_eval(
                     row = {"model": model_name, "task": task, "length": L, "policy": j.label, "sample": i,
                            "budget_tokens": j.budget, "seed": seed, "error": f"{type(e).__name__}: {e}"}
                     f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    if failed is not None:
+                        failed.append(row)
                     bar.advance(t_all)
                     continue
                 row = {
