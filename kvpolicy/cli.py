@@ -133,7 +133,7 @@ def cmd_generate(args) -> int:
     model, tok = _load(args)
     res = generate(model, tok, prompt, policy=args.policy, budget=args.budget,
                    max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                   prefill_chunk=args.prefill_chunk, progress=True)
+                   prefill_chunk=args.prefill_chunk, progress=True, allow_overflow=args.allow_overflow)
     print(res.text[0])
     print(res.summary(), file=sys.stderr)
     return 0
@@ -207,7 +207,8 @@ def cmd_eval(args) -> int:
     failed: list[dict] = []
     rows = run_eval(model, tok, model_name=args.model_name or args.model, policies=policies, budgets=args.budget,
                     tasks=tasks, lengths=lengths, samples=args.samples, out=args.out, seed=args.seed,
-                    samples_source=source, fidelity=args.fidelity, prefill_chunk=args.prefill_chunk, failed=failed)
+                    samples_source=source, fidelity=args.fidelity, prefill_chunk=args.prefill_chunk, failed=failed,
+                    allow_overflow=args.allow_overflow)
     Console().print(markdown_report(read_rows(args.out)))
     if failed:
         print(f"kvpolicy eval: error: {len(failed)} of {len(failed) + len(rows)} cells failed (rows with 'error' "
@@ -291,6 +292,7 @@ def cmd_bench_capacity(args) -> int:
     return 0
 
 
+OVERFLOW_HELP = "run even when prompt + new tokens exceed the model's maximum position (default: an error)"
 DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS (kept import-free for a fast --help)
 DEMO_SEED = 1
 
@@ -317,6 +319,11 @@ def cmd_bench_decode(args) -> int:
         Policy.resolve_placed(split_variant(name).spec, budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
+    from kvpolicy.context_length import check_context_length
+
+    for L in lengths:
+        check_context_length(model.config, L, args.steps + args.breakdown_steps, allow_overflow=args.allow_overflow,
+                             what=f"--length {L}", hint="--allow-overflow")
     cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,
                             breakdown_steps=args.breakdown_steps, dense=not args.no_dense, dense_graphs=args.dense_graphs,
                             index_device=args.index_device, sdpa_backend=args.sdpa_backend,
@@ -365,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-file")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    s.add_argument("--allow-overflow", action="store_true", help=OVERFLOW_HELP)
     s.add_argument("--prefill-chunk", type=_chunk, default="auto",
                    help="tokens per forward of the streamed prompt, or 'none' for one forward (default: 8192 where "
                         "the policy can stream)")
@@ -396,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="results JSONL (appended; finished rows are skipped)")
     s.add_argument("--model-name", default=None, help="the model's name in the rows (default: --model)")
+    s.add_argument("--allow-overflow", action="store_true", help=OVERFLOW_HELP)
     s.add_argument("--fidelity", action="store_true",
                    help="also measure attention fidelity per layer/head and perplexity on the essays, per length")
     s.add_argument("--prefill-chunk", type=_fixed_chunk, default=None,
@@ -440,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--length", type=_str_list, default=["8k"], help="comma-separated context lengths (8k,32k)")
     s.add_argument("--steps", type=int, default=32, help="timed decode steps per run")
     s.add_argument("--breakdown-steps", type=int, default=8, help="further device-synced steps for the breakdown")
+    s.add_argument("--allow-overflow", action="store_true", help=OVERFLOW_HELP)
     s.add_argument("--index-device", default=None, help="put the policies' index on this device (cpu, cuda)")
     s.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     s.add_argument("--dense-graphs", action="store_true",

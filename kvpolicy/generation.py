@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy.context_length import check_context_length
 from kvpolicy.hf import KVPolicyCache, check_model_supported, policy_attention
 from kvpolicy.policy import Policy
 
@@ -126,6 +127,7 @@ def generate(
     prefetch: str = "off",
     prefill_chunk: int | None | str = "auto",
     progress: bool = False,
+    allow_overflow: bool = False,
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """Greedy (by default) generation with the KV cache under ``policy`` at ``budget`` tokens.
@@ -133,13 +135,15 @@ def generate(
     ``tokenizer_or_inputs`` is a tokenizer (then ``prompt`` is required and the output is decoded), a dict
     with ``input_ids`` or a ``[B, T]`` tensor of ids. ``budget=None`` means unlimited. ``defer_insert``,
     ``prefetch`` and ``prefill_chunk`` (the prompt streams in, ``prefill_chunk`` tokens per forward): see
-    ``KVPolicyCache``. ``progress`` shows a bar over the prompt's chunks.
+    ``KVPolicyCache``. ``progress`` shows a bar over the prompt's chunks. A prompt plus ``max_new_tokens`` beyond
+    the model's maximum position is a ``ContextLengthError`` unless ``allow_overflow``.
     """
     check_model_supported(model.config)
     pol = Policy.resolve(policy, budget=budget)  # validated before anything runs
     tok = tokenizer or (tokenizer_or_inputs if hasattr(tokenizer_or_inputs, "decode") else None)
     inputs = prepare_inputs(tokenizer_or_inputs, prompt, chat=chat, device=model.device)
     prompt_len = inputs["input_ids"].shape[1]
+    check_context_length(model.config, prompt_len, max_new_tokens, allow_overflow=allow_overflow)
     with policy_attention(model):  # switched for this call, never under another thread's running generate
         return _generate(model, tok, inputs, pol, prompt_len, max_new_tokens=max_new_tokens, validate=validate,
                          defer_insert=defer_insert, prefetch=prefetch, prefill_chunk=prefill_chunk, progress=progress,

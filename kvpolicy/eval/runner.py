@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy.context_length import check_context_length
 from kvpolicy.eval.results_file import check_results_path, open_results
 from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
 from kvpolicy.generation import prefill
@@ -163,6 +164,7 @@ def run_eval(
     progress: bool = True,
     prefill_chunk: int | None = None,
     failed: list[dict[str, Any]] | None = None,
+    allow_overflow: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the grid and append rows to ``out``; return the rows written now. ``samples_source`` replaces the
     generated samples (``--task-file``): then ``tasks``/``lengths``/``samples`` are ignored. ``fidelity`` adds,
@@ -170,7 +172,8 @@ def run_eval(
     (``kvpolicy.eval.fidelity``). ``prefill_chunk`` streams the shared dense prefill, that many tokens per forward
     (exact: the same rows, less activation memory). Cells that fail are written as rows with an ``error`` (and
     appended to ``failed``); a rerun tries them again and replaces those rows. An advisory lock on ``out`` refuses
-    a second concurrent writer (``ResultsLockedError``)."""
+    a second concurrent writer (``ResultsLockedError``). A sample whose prompt plus answer tokens exceed the
+    model's maximum position is a ``ContextLengthError`` before any model work, unless ``allow_overflow``."""
     from rich.progress import Progress
     from transformers import DynamicCache
 
@@ -196,6 +199,10 @@ def run_eval(
                     yield i, (task, L)
 
     units = list(plan())
+    for _, u in units:
+        if isinstance(u, TaskSample):
+            check_context_length(model.config, u.context_tokens, u.max_new_tokens, allow_overflow=allow_overflow,
+                                 what=f"task record {u.id!r}", hint="--allow-overflow")
     planned = {(model_name, *_task_length(u), i, j.label, j.budget, seed) for i, u in units for j in jobs}
     if fidelity:
         planned |= {(model_name, "fidelity", L, 0, j.label, j.budget, seed) for L in lengths for j in jobs}
