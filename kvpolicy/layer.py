@@ -85,6 +85,9 @@ class LayerStats:
         return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
 
 
+_INT_HINT = " (integer K/V: pass the attention's key/value states, not token ids)"
+
+
 class PolicyLayer:
     """The KV cache of one decoder layer under ``policy`` (see the module docstring for the layout)."""
 
@@ -162,8 +165,10 @@ class PolicyLayer:
         overlaps the next layer's prefill; the first call that needs the result (decode, memory) waits for it
         and re-raises its error. On CUDA the job runs on its own stream, ordered after the producer of ``keys``.
         """
-        check_tensor("keys", keys, 4, dims="[B, Hkv, T, D]")
-        check_tensor("values", values, 4, dims="[B, Hkv, T, D]")
+        for name, t in (("keys", keys), ("values", values)):
+            if isinstance(t, torch.Tensor) and not t.is_floating_point():
+                raise TypeError(f"layer {self.layer_idx}: {name} must be a floating tensor, got {t.dtype}{_INT_HINT}")
+            check_tensor(name, t, 4, dims="[B, Hkv, T, D]")
         if keys.shape != values.shape:
             raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape")
         if self.prefilled:
@@ -382,6 +387,9 @@ class PolicyLayer:
         B, H, D = self.shape
         if key.shape != (B, H, 1, D) or value.shape != (B, H, 1, D):
             raise ValueError(f"key/value must be [B={B}, Hkv={H}, 1, D={D}], got {tuple(key.shape)}")
+        if key.dtype != self.dtype or value.dtype != self.dtype:
+            raise TypeError(f"layer {self.layer_idx}: key/value must be {self.dtype} like the prefilled K/V, got "
+                            f"{key.dtype}/{value.dtype}" + _INT_HINT * (not key.is_floating_point()))
         if self.cursor is not None:
             self.cursor.layer = self.layer_idx
         locked = self._settle()
@@ -509,6 +517,14 @@ class PolicyLayer:
         B, H, D = self.shape
         if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
             raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
+        if not query.is_floating_point():
+            raise TypeError(f"layer {self.layer_idx}: the query must be a floating tensor, got {query.dtype}")
+        if self.validate:  # a data-dependent check (it reads back from the device): validate mode only
+            bad = (~torch.isfinite(query)).any(-1)  # [B, Hq]
+            if bool(bad.any()):
+                b, h = (int(x) for x in bad.nonzero()[0])
+                raise ValueError(f"layer {self.layer_idx}: the decode query of head {h} (batch row {b}) holds NaN or "
+                                 f"inf ({int(bad.sum())} of {bad.numel()} heads); check the model's activations")
 
     def _settle_for_prefetch(self) -> None:
         """Join the layer's background job before selecting ahead: the step would join it too (layers that
