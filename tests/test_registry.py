@@ -82,12 +82,17 @@ def test_third_party_plugin_is_discovered(tmp_path, monkeypatch):
     assert pol.make_parts().selector.name == "mine"
 
 
-def test_duplicate_name_fails_naming_both_distributions(tmp_path, monkeypatch):
+def test_duplicate_name_is_skipped_naming_both_distributions(tmp_path, monkeypatch):
     target = _install(tmp_path, "kvp-dup", "kvp_dup", SELECTOR_SRC.format(cls="Dup", name="oracle"))
     monkeypatch.syspath_prepend(target)
     with pytest.raises(DuplicatePluginError) as err:
-        Registry()
+        Registry(strict=True)
     assert "kvpolicy" in str(err.value) and "kvp-dup" in str(err.value) and "'oracle'" in str(err.value)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        reg = Registry(strict=False)  # a real installed distribution: the built-in keeps the name
+    assert reg.entry("selector", "oracle").distribution == "kvpolicy"
+    assert [b.distribution for b in reg.broken] == ["kvp-dup"]
 
 
 def test_broken_plugin_is_reported_and_skipped_unless_strict(tmp_path, monkeypatch):
