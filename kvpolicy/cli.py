@@ -225,6 +225,11 @@ def cmd_report(args) -> int:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"results file {path!r} does not exist")
     rows = [r for path in args.results for r in read_rows(path)]
+    from kvpolicy.eval.results_file import unique_rows
+
+    rows, dropped = unique_rows(rows)
+    if dropped:
+        print(f"left out {dropped} duplicate rows (same cell; the last one is kept)", file=sys.stderr)
     if args.common_tasks:
         rows, dropped = common_tasks(rows)
         for (model, length), names in sorted(dropped.items()):

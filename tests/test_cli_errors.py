@@ -164,3 +164,14 @@ def test_a_second_concurrent_writer_is_refused(patched, tmp_path, capsys):
         assert main([*EVAL, "--out", str(out)]) == 2
     _one_line_error(capsys, "eval", f"results file '{out}' is being written by another kvpolicy eval")
     assert out.read_text() == ""
+
+
+def test_report_counts_a_duplicated_cell_once(tmp_path, capsys):
+    row = {"model": "m", "task": "t", "length": 100, "sample": 0, "policy": "full", "budget_tokens": None,
+           "seed": 0, "score": 1.0, "n": 1}
+    out = tmp_path / "r.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in [row, {**row, "score": 0.0}, {**row, "sample": 1}]))
+    assert main(["report", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "left out 1 duplicate rows (same cell; the last one is kept)" in captured.err
+    assert "| full | all | 50.0 | 50.0 | 100% | 2 |" in captured.out, captured.out  # was 66.7 over n=3

@@ -15,7 +15,9 @@ try:
 except ImportError:  # not POSIX: no lock
     fcntl = None
 
-__all__ = ["ResultsLockedError", "check_results_path", "open_results"]
+__all__ = ["ResultsLockedError", "check_results_path", "open_results", "unique_rows"]
+
+KEY = ("model", "task", "length", "sample", "policy", "budget_tokens", "seed")
 
 
 class ResultsLockedError(BlockingIOError):
@@ -75,3 +77,16 @@ def open_results(path: str | os.PathLike[str], drop: Callable[[dict[str, Any]], 
         yield f
     finally:
         f.close()
+
+
+def unique_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """One row per cell key (model, task, length, sample, policy, budget, seed), the last one kept, in order;
+    rows without a key are kept. Returns the rows and how many duplicates were dropped (two writers that ran
+    at once before the lock, or files given twice)."""
+    last: dict[tuple, int] = {}
+    for i, r in enumerate(rows):
+        if all(k in r for k in KEY):
+            last[tuple(json.dumps(r[k]) for k in KEY)] = i
+    keyed = set(last.values())
+    kept = [r for i, r in enumerate(rows) if i in keyed or not all(k in r for k in KEY)]
+    return kept, len(rows) - len(kept)
