@@ -247,13 +247,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench_capacity(args) -> int:
-    import platform
 
     import torch
 
     from kvpolicy.bench.capacity import CapacityBenchConfig, bench_capacity, plot_capacity, print_capacity
-    from kvpolicy.bench.decode import load_bench_model, split_variant, write_json
-    from kvpolicy.eval.ablate import _git_sha, parse_length
+    from kvpolicy.bench.decode import load_bench_model, split_variant
+    from kvpolicy.eval.ablate import parse_length
     from kvpolicy.policy import Policy
 
     cfg = CapacityBenchConfig(policies=args.policy, budget=args.budget, start=parse_length(args.start),
@@ -263,17 +262,30 @@ def cmd_bench_capacity(args) -> int:
         Policy.resolve_placed(split_variant(name).spec, budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
+    return _run_bench(args, model, model_name, device, cfg, bench_capacity, print_capacity, plot_capacity)
+
+
+def _run_bench(args, model, model_name: str, device: str, cfg, run, show, plot) -> int:
+    """A benchmark's rows: run (saving the JSON after every row, so partial results survive a kill), printed,
+    written to ``--json`` with the run's metadata, plotted to ``--plot``."""
+    import platform
+
+    import torch
+
+    from kvpolicy.bench.decode import write_json
+    from kvpolicy.eval.ablate import _git_sha
+
     meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
             else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg),
             "weights_bytes": sum(p.nbytes for p in model.parameters())}
     save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None
-    rows = bench_capacity(model, cfg, model_name=model_name, on_row=save)
-    print_capacity(rows)
+    rows = run(model, cfg, model_name=model_name, on_row=save)
+    show(rows)
     if args.json:
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
-        print(f"wrote {plot_capacity(rows, args.plot)}")
+        print(f"wrote {plot(rows, args.plot)}")
     return 0
 
 
@@ -282,7 +294,6 @@ DEMO_SEED = 1
 
 
 def cmd_bench_decode(args) -> int:
-    import platform
 
     import torch
 
@@ -293,9 +304,8 @@ def cmd_bench_decode(args) -> int:
         plot_decode,
         print_table,
         split_variant,
-        write_json,
     )
-    from kvpolicy.eval.ablate import _git_sha, parse_length
+    from kvpolicy.eval.ablate import parse_length
     from kvpolicy.policy import Policy
 
     lengths = [parse_length(x) for x in args.length]
@@ -307,17 +317,7 @@ def cmd_bench_decode(args) -> int:
                             breakdown_steps=args.breakdown_steps, dense=not args.no_dense, dense_graphs=args.dense_graphs,
                             index_device=args.index_device, sdpa_backend=args.sdpa_backend,
                             prefill_chunk=args.prefill_chunk)
-    meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
-            else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg)}
-    save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None  # partial results survive a kill
-    rows = bench_decode(model, cfg, model_name=model_name, on_row=save)
-    print_table(rows)
-    if args.json:
-        write_json(rows, args.json, meta)
-        print(f"wrote {args.json}")
-    if args.plot:
-        print(f"wrote {plot_decode(rows, args.plot)}")
-    return 0
+    return _run_bench(args, model, model_name, device, cfg, bench_decode, print_table, plot_decode)
 
 
 def build_parser() -> argparse.ArgumentParser:
