@@ -203,9 +203,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from kvpolicy.eval.report import common_tasks, markdown_report, plot_report
+    from kvpolicy.eval.report import common_tasks, comparison_markdown, markdown_report, plot_report
     from kvpolicy.eval.runner import read_rows
 
+    if args.compare is not None and (len(args.compare) != 2 or not all(args.compare)):
+        raise ValueError(f"--compare takes two comma-separated policies (A,B), got {','.join(args.compare)!r}")
     for path in args.results:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"results file {path!r} does not exist")
@@ -215,6 +217,8 @@ def cmd_report(args) -> int:
         for (model, length), names in sorted(dropped.items()):
             print(f"{model} at {length} tokens: left out {', '.join(names)} (not scored in every cell)", file=sys.stderr)
     text = markdown_report(rows)
+    if args.compare:
+        text += "\n" + comparison_markdown(rows, *args.compare)
     print(text)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
@@ -371,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ruler, passkey, comma-separated task names, or none (with --fidelity)")
     s.add_argument("--task-file", default=None, help="JSONL with context, question, answers (and id) per line")
     s.add_argument("--length", type=_str_list, default=["4k"], help="comma-separated lengths (4k, 8k, 4096)")
-    s.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    s.add_argument("--samples", type=int, default=5,
+                   help="samples per task and length (each a different needle, key and depth)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="results JSONL (appended; finished rows are skipped)")
     s.add_argument("--model-name", default=None, help="the model's name in the rows (default: --model)")
@@ -387,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plots", default=None, help="directory for the PNG plots")
     s.add_argument("--common-tasks", action="store_true",
                    help="per model and length, keep only the tasks that every policy and budget scored")
+    s.add_argument("--compare", type=_str_list, default=None, metavar="A,B",
+                   help="paired comparison of two policies on the same samples, per budget: wins/ties/losses "
+                   "and the 95%% bootstrap interval of the mean difference")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ablate", help="indexes x budgets on a real model's keys and queries (recall, mass, speed)")
