@@ -193,8 +193,10 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
             vals = [mine.get((model, length, t, pol, b)) for t in tasks]
             return cell_interval(samples, model, length, pol, b, sorted(tasks)) if vals and all(vals) else None
 
-        def bars(pts):  # x, y and asymmetric error bars (points) of (x, Interval) pairs
-            return ([p[0] for p in pts], [100 * p[1].mean for p in pts],
+        dodge = {pol: 2 ** (0.03 * (i - (len(pols) - 1) / 2)) for i, pol in enumerate(pols)}
+
+        def bars(pts, pol, dodge=dodge):  # x (spread a little per policy so bars do not overlap), y, error bars
+            return ([p[0] * dodge[pol] for p in pts], [100 * p[1].mean for p in pts],
                     [[100 * (p[1].mean - p[1].lo) for p in pts], [100 * (p[1].hi - p[1].mean) for p in pts]])
 
         # accuracy vs budget, one panel per length
@@ -211,7 +213,7 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
                 pts = [(b, avg(length, pol, b)) for b in budgets]
                 pts = [(b, y) for b, y in pts if y is not None]
                 if pts:
-                    x, y, err = bars(pts)
+                    x, y, err = bars(pts, pol)
                     ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=pol, color=color[pol])
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [str(b) for b in budgets])
@@ -235,7 +237,7 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
                     pts = [(L, avg(L, pol, bb)) for L in lengths]
                     pts = [(L, y) for L, y in pts if y is not None]
                     if pts:
-                        x, y, err = bars(pts)
+                        x, y, err = bars(pts, pol)
                         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=pol,
                                     ls="--" if bb is None else "-", color=color[pol])
                 ax.set_xscale("log", base=2)
