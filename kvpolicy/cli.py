@@ -218,9 +218,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from kvpolicy.eval.report import common_tasks, markdown_report, plot_report
+    from kvpolicy.eval.report import common_tasks, comparison_markdown, markdown_report, plot_report
     from kvpolicy.eval.runner import read_rows
 
+    if args.compare is not None and (len(args.compare) != 2 or not all(args.compare)):
+        raise ValueError(f"--compare takes two comma-separated policies (A,B), got {','.join(args.compare)!r}")
     for path in args.results:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"results file {path!r} does not exist")
@@ -235,6 +237,8 @@ def cmd_report(args) -> int:
         for (model, length), names in sorted(dropped.items()):
             print(f"{model} at {length} tokens: left out {', '.join(names)} (not scored in every cell)", file=sys.stderr)
     text = markdown_report(rows)
+    if args.compare:
+        text += "\n" + comparison_markdown(rows, *args.compare)
     print(text)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
@@ -267,13 +271,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench_capacity(args) -> int:
-    import platform
 
     import torch
 
     from kvpolicy.bench.capacity import CapacityBenchConfig, bench_capacity, plot_capacity, print_capacity
-    from kvpolicy.bench.decode import load_bench_model, split_variant, write_json
-    from kvpolicy.eval.ablate import _git_sha, parse_length
+    from kvpolicy.bench.decode import load_bench_model, split_variant
+    from kvpolicy.eval.ablate import parse_length
     from kvpolicy.policy import Policy
 
     cfg = CapacityBenchConfig(policies=args.policy, budget=args.budget, start=parse_length(args.start),
@@ -283,17 +286,30 @@ def cmd_bench_capacity(args) -> int:
         Policy.resolve_placed(split_variant(name).spec, budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
+    return _run_bench(args, model, model_name, device, cfg, bench_capacity, print_capacity, plot_capacity)
+
+
+def _run_bench(args, model, model_name: str, device: str, cfg, run, show, plot) -> int:
+    """A benchmark's rows: run (saving the JSON after every row, so partial results survive a kill), printed,
+    written to ``--json`` with the run's metadata, plotted to ``--plot``."""
+    import platform
+
+    import torch
+
+    from kvpolicy.bench.decode import write_json
+    from kvpolicy.eval.ablate import _git_sha
+
     meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
             else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg),
             "weights_bytes": sum(p.nbytes for p in model.parameters())}
     save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None
-    rows = bench_capacity(model, cfg, model_name=model_name, on_row=save)
-    print_capacity(rows)
+    rows = run(model, cfg, model_name=model_name, on_row=save)
+    show(rows)
     if args.json:
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
-        print(f"wrote {plot_capacity(rows, args.plot)}")
+        print(f"wrote {plot(rows, args.plot)}")
     return 0
 
 
@@ -303,7 +319,6 @@ DEMO_SEED = 1
 
 
 def cmd_bench_decode(args) -> int:
-    import platform
 
     import torch
 
@@ -314,9 +329,8 @@ def cmd_bench_decode(args) -> int:
         plot_decode,
         print_table,
         split_variant,
-        write_json,
     )
-    from kvpolicy.eval.ablate import _git_sha, parse_length
+    from kvpolicy.eval.ablate import parse_length
     from kvpolicy.policy import Policy
 
     lengths = [parse_length(x) for x in args.length]
@@ -333,17 +347,7 @@ def cmd_bench_decode(args) -> int:
                             breakdown_steps=args.breakdown_steps, dense=not args.no_dense, dense_graphs=args.dense_graphs,
                             index_device=args.index_device, sdpa_backend=args.sdpa_backend,
                             prefill_chunk=args.prefill_chunk)
-    meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
-            else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg)}
-    save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None  # partial results survive a kill
-    rows = bench_decode(model, cfg, model_name=model_name, on_row=save)
-    print_table(rows)
-    if args.json:
-        write_json(rows, args.json, meta)
-        print(f"wrote {args.json}")
-    if args.plot:
-        print(f"wrote {plot_decode(rows, args.plot)}")
-    return 0
+    return _run_bench(args, model, model_name, device, cfg, bench_decode, print_table, plot_decode)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -405,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ruler, passkey, comma-separated task names, or none (with --fidelity)")
     s.add_argument("--task-file", default=None, help="JSONL with context, question, answers (and id) per line")
     s.add_argument("--length", type=_str_list, default=["4k"], help="comma-separated lengths (4k, 8k, 4096)")
-    s.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    s.add_argument("--samples", type=int, default=5,
+                   help="samples per task and length (each a different needle, key and depth)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="results JSONL (appended; finished rows are skipped)")
     s.add_argument("--model-name", default=None, help="the model's name in the rows (default: --model)")
@@ -422,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plots", default=None, help="directory for the PNG plots")
     s.add_argument("--common-tasks", action="store_true",
                    help="per model and length, keep only the tasks that every policy and budget scored")
+    s.add_argument("--compare", type=_str_list, default=None, metavar="A,B",
+                   help="paired comparison of two policies on the same samples, per budget: wins/ties/losses "
+                   "and the 95%% bootstrap interval of the mean difference")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ablate", help="indexes x budgets on a real model's keys and queries (recall, mass, speed)")

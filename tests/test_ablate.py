@@ -23,6 +23,7 @@ class _Tok:
 
 def test_parse_length():
     assert parse_length("4k") == 4096 and parse_length("8K") == 8192 and parse_length("3000") == 3000
+    assert parse_length("1m") == 1048576 and parse_length("0.5M") == 524288
     with pytest.raises(ValueError, match="number of tokens"):
         parse_length("long")
 

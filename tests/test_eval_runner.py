@@ -174,3 +174,34 @@ def test_no_forward_returns_logits_for_the_whole_prompt(model, tok, tmp_path, mo
     monkeypatch.setattr(model, "forward", spy)
     run_eval(model, tok, out=tmp_path / "r.jsonl", **{**KW, "samples": 1})
     assert widths and max(widths) == 1
+
+
+def test_samples_default_to_five_and_differ(model, tok, tmp_path, monkeypatch):
+    """``--samples`` defaults to 5, and the sample index seeds each sample: distinct needles (answers), keys
+    (questions), depths and ids per sample, the same ones again on a rerun."""
+    from kvpolicy.cli import build_parser
+    from kvpolicy.eval import runner
+    from kvpolicy.eval.tasks import make_sample
+
+    # the samples are the point here, not the decoding (which other tests cover): skip generation
+    monkeypatch.setattr(runner, "_decode", lambda *a: ("", {"device_kv": 0, "cpu_kv": 0, "index": 0}))
+
+    assert build_parser().parse_args(["eval", "--out", "x.jsonl"]).samples == 5
+    tasks = ["niah_single_1", "niah_multikey_2", "passkey"]
+    kw = dict(model_name="tiny", policies=["full"], budgets=[64], tasks=tasks, lengths=[600], samples=5,
+              progress=False, seed=3)
+    rows = run_eval(model, tok, out=tmp_path / "r.jsonl", **kw)
+    assert len(rows) == 15
+    for task in tasks:
+        mine = sorted((r for r in rows if r["task"] == task), key=lambda r: r["sample"])
+        assert [r["sample"] for r in mine] == list(range(5))
+        for field in ("sample_id", "depth"):
+            assert len({r[field] for r in mine}) == 5, (task, field)
+        assert len({tuple(r["answers"]) for r in mine}) == 5, task
+        # the rows' samples are the ones make_sample builds from the sample index (keys in the question too)
+        built = [make_sample(task, tok, 600, seed=3 * 1_000_003 + i) for i in range(5)]
+        assert [s.id for s in built] == [r["sample_id"] for r in mine]
+        questions = {tuple(s.prompt_ids[slice(*s.question_span)]) for s in built if s.question_span}
+        assert len(questions) == 5 or task == "passkey", task  # passkey asks the same question of every sample
+    again = run_eval(model, tok, out=tmp_path / "r2.jsonl", **kw)
+    assert [(r["sample_id"], r["answers"]) for r in again] == [(r["sample_id"], r["answers"]) for r in rows]

@@ -22,7 +22,6 @@ Prompts are random: this measures capacity and latency, never accuracy.
 
 from __future__ import annotations
 
-import gc
 import resource
 import statistics
 import time
@@ -31,7 +30,15 @@ from typing import Any
 
 import torch
 
-from kvpolicy.bench.decode import Stepper, _policy_layers, _sync, policy_cache, split_variant, timed_prefill
+from kvpolicy.bench.decode import (
+    Stepper,
+    _policy_layers,
+    _sync,
+    policy_cache,
+    release_cache,
+    split_variant,
+    timed_prefill,
+)
 
 __all__ = ["CapacityBenchConfig", "bench_capacity", "plot_capacity", "print_capacity", "synthetic_fill"]
 
@@ -159,13 +166,8 @@ def _run(model, vname: str, pol, length: int, cfg: CapacityBenchConfig) -> dict[
             row["device_peak_bytes"] = max(torch.cuda.max_memory_allocated(dev), row.get("fill_peak_bytes", 0))
             row["device_peak_over_weights_bytes"] = row["device_peak_bytes"] - base
         row["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        for la in _policy_layers(cache) if cache is not None else ():
-            la.reset()
-        model.set_attn_implementation("sdpa")
+        release_cache(model, cache)
         del cache
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
     return row
 
 

@@ -338,6 +338,17 @@ def _warmup(model) -> None:
     _sync(model.device)
 
 
+def release_cache(model, cache) -> None:
+    """After a run: the policy layers' pools and indexes freed, the attention switched back, the device's cache
+    emptied (the caller drops its reference to ``cache``)."""
+    for la in _policy_layers(cache) if cache is not None else ():
+        la.reset()
+    model.set_attn_implementation("sdpa")
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def policy_cache(model, vname: str, pol, prefill_chunk: int | None = None):
     """The cache of one policy variant, with its ``+graphs``/``+defer``/``+prefetch``/``+estimate`` flags applied."""
     from kvpolicy.hf import KVPolicyCache
@@ -435,14 +446,8 @@ def bench_decode(
         except Exception as e:  # a failing variant is a result too; the others still run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         finally:
-            if pol is not None:
-                for la in _policy_layers(cache):
-                    la.reset()
-            model.set_attn_implementation("sdpa")
+            release_cache(model, cache)
             del cache
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
         rows.append(row)
         if on_row is not None:
             on_row(_add_ratios(rows))

@@ -45,14 +45,15 @@ REQUIRED_KEYS = ("index", "selector", "budget_tokens", "length", "recall_at_k", 
 
 
 def parse_length(s: str | int) -> int:
-    """'4k' -> 4096, '8K' -> 8192, '3000' -> 3000."""
+    """'4k' -> 4096, '8K' -> 8192, '1m' -> 1048576, '3000' -> 3000."""
     if isinstance(s, int):
         return s
     t = s.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
     try:
-        n = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+        n = int(float(t[:-1]) * scale) if scale > 1 else int(t)
     except ValueError:
-        raise ValueError(f"length {s!r} is not a number of tokens like 4096 or 4k") from None
+        raise ValueError(f"length {s!r} is not a number of tokens like 4096, 4k or 1m") from None
     if n <= 0:
         raise ValueError(f"length {s!r} must be a positive number of tokens")
     return n

@@ -1,9 +1,10 @@
 """``kvpolicy report``: markdown tables and PNG plots from ``kvpolicy eval`` rows.
 
 Rows are per (sample, policy, budget); a cell's score is the mean over its samples, ``n`` their count. Tables:
-score per task x policy x budget (one table per length), the average over tasks, and the average relative to
-``full`` (the dense cache) of the same model and length. Plots: accuracy vs budget per policy (one panel per
-length), accuracy vs length per policy (at each budget), and, where rows carry ``per_layer_head`` fidelity
+score per task x policy x budget (one table per length), the average over tasks with its 95% bootstrap interval
+(``kvpolicy.eval.stats``: samples resampled within each task, fixed seed), and the average relative to ``full``
+(the dense cache) of the same model and length; ``comparison_markdown`` pairs two policies sample by sample. Plots (with the intervals as error bars): accuracy vs
+budget per policy (one panel per length), accuracy vs length per policy (at each budget), and, where rows carry ``per_layer_head`` fidelity
 matrices (``kvpolicy eval --fidelity``), a heatmap per policy.
 """
 
@@ -15,7 +16,9 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-__all__ = ["aggregate", "common_tasks", "markdown_report", "plot_report"]
+from kvpolicy.eval.stats import Interval, bootstrap_mean, paired_comparison, row_score
+
+__all__ = ["aggregate", "cell_interval", "common_tasks", "comparison_markdown", "markdown_report", "plot_report"]
 
 FULL = "full"
 
@@ -30,8 +33,32 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[tuple, tuple[float, int]]:
     for r in rows:
         if "score" not in r:
             continue
-        acc[(r["model"], r["length"], r["task"], r["policy"], r["budget_tokens"])].append(float(r["score"]) * r.get("n", 1))
+        acc[(r["model"], r["length"], r["task"], r["policy"], r["budget_tokens"])].append(row_score(r))
     return {k: (mean(v), len(v)) for k, v in acc.items()}
+
+
+def _samples(rows: Sequence[dict[str, Any]]) -> dict[tuple, list[float]]:
+    """(model, length, task, policy, budget) -> the scores of its samples."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        if "score" in r:
+            acc[(r["model"], r["length"], r["task"], r["policy"], r["budget_tokens"])].append(row_score(r))
+    return acc
+
+
+def cell_interval(samples: dict[tuple, list[float]], model, length, policy, budget,
+                  tasks: Sequence[str] | None = None) -> Interval | None:
+    """Mean over ``tasks`` (default: every task the cell scored) with its 95% bootstrap interval; None if empty."""
+    per_task = {k[2]: v for k, v in samples.items()
+                if k[0] == model and k[1] == length and k[3] == policy and k[4] == budget
+                and (tasks is None or k[2] in tasks)}
+    return bootstrap_mean(per_task) if per_task else None
+
+
+def _ci(iv: Interval | None) -> str:
+    if iv is None:
+        return "-"
+    return f"[{100 * iv.lo:.1f}, {100 * iv.hi:.1f}]" if iv.n > 1 else "n/a"
 
 
 def common_tasks(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple, list[str]]]:
@@ -58,6 +85,7 @@ def _policies(cells) -> list[str]:
 def markdown_report(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per (model, length) a task x (policy, budget) table with the average and the ratio to ``full``."""
     cells = aggregate(rows)
+    samples = _samples(rows)
     if not cells:
         return "\n".join(["_no rows with a task score_\n", *_fidelity_markdown(rows)])
     out: list[str] = []
@@ -66,8 +94,8 @@ def markdown_report(rows: Sequence[dict[str, Any]]) -> str:
         tasks = list(dict.fromkeys(k[2] for k in mine))
         budgets = sorted({k[4] for k in mine if k[4] is not None})
         out.append(f"### {model}, {length} tokens\n")
-        out.append("| policy | budget | " + " | ".join(tasks) + " | average | vs full | n |")
-        out.append("| --- | ---: |" + " ---: |" * (len(tasks) + 3))
+        out.append("| policy | budget | " + " | ".join(tasks) + " | average | 95% CI | vs full | n |")
+        out.append("| --- | ---: |" + " ---: |" * (len(tasks) + 4))
         full_avg = None
         fk = [mine.get((model, length, t, FULL, None)) for t in tasks]
         if all(fk):
@@ -83,12 +111,31 @@ def markdown_report(rows: Sequence[dict[str, Any]]) -> str:
                 complete = all(vals)
                 rel = f"{100 * avg / full_avg:.0f}%" if full_avg and complete else ("n/a" if complete else "-")
                 n = min(v[1] for v in vals if v)
+                ci = _ci(cell_interval(samples, model, length, pol, b, tasks))
                 out.append(f"| {pol} | {_budget_label(b)} | " + " | ".join(scores)
-                           + f" | {100 * avg:.1f}{'' if complete else '*'} | {rel} | {n} |")
+                           + f" | {100 * avg:.1f}{'' if complete else '*'} | {ci} | {rel} | {n} |")
         out.append("")
     out.append("Scores are percentages (RULER string match); `n` is the smallest number of samples of a cell; "
-               "`*` marks an average over fewer tasks than the table has.\n")
+               "`*` marks an average over fewer tasks than the table has. 95% CI: percentile bootstrap of the "
+               "average (samples resampled within each task, 2,000 resamples, seed 0); n/a for one sample.\n")
     out += _fidelity_markdown(rows)
+    return "\n".join(out)
+
+
+def comparison_markdown(rows: Sequence[dict[str, Any]], a: str, b: str) -> str:
+    """Markdown: ``a`` vs ``b`` per (model, length, budget) on the samples both scored (wins, ties, losses and
+    the 95% bootstrap interval of the mean difference, in points). Raises ValueError for a policy absent."""
+    res = paired_comparison(rows, a, b)
+    out = [f"### Paired comparison: {a} vs {b}\n",
+           "| model | length | budget | pairs | wins | ties | losses | mean difference | 95% CI |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (model, length, budget), p in res.items():
+        out.append(f"| {model} | {length} | {_budget_label(budget)} | {p.pairs} | {p.wins} | {p.ties} | {p.losses} "
+                   f"| {100 * p.diff.mean:+.1f} | [{100 * p.diff.lo:+.1f}, {100 * p.diff.hi:+.1f}] |")
+    out.append(f"\nPairs are the same (task, sample) scored by both at that budget (a policy with only unlimited rows, "
+               f"such as full, is paired with every budget); wins count samples where {a} scored higher. The "
+               f"difference ({a} - {b}) is in points, averaged over tasks; its interval resamples the pairs within "
+               f"each task. An interval that excludes 0 supports a difference.\n")
     return "\n".join(out)
 
 
@@ -130,6 +177,7 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
     import matplotlib.pyplot as plt
 
     cells = aggregate(rows)
+    samples = _samples(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -140,10 +188,16 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
         pols = _policies(mine)
         color = {pol: "k" if pol == FULL else plt.cm.tab20(i % 20) for i, pol in enumerate(pols)}  # one per policy
 
-        def avg(length, pol, b, mine=mine, model=model):
+        def avg(length, pol, b, mine=mine, model=model) -> Interval | None:
             tasks = {k[2] for k in mine if k[1] == length}
             vals = [mine.get((model, length, t, pol, b)) for t in tasks]
-            return mean(v[0] for v in vals) if vals and all(vals) else None
+            return cell_interval(samples, model, length, pol, b, sorted(tasks)) if vals and all(vals) else None
+
+        dodge = {pol: 2 ** (0.03 * (i - (len(pols) - 1) / 2)) for i, pol in enumerate(pols)}
+
+        def bars(pts, pol, dodge=dodge):  # x (spread a little per policy so bars do not overlap), y, error bars
+            return ([p[0] * dodge[pol] for p in pts], [100 * p[1].mean for p in pts],
+                    [[100 * (p[1].mean - p[1].lo) for p in pts], [100 * (p[1].hi - p[1].mean) for p in pts]])
 
         # accuracy vs budget, one panel per length
         fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False, sharey=True)
@@ -152,12 +206,15 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
                 if pol == FULL or any(k[3] == pol and k[4] is None for k in mine):
                     y = avg(length, pol, None)
                     if y is not None:
-                        ax.axhline(100 * y, ls="--", lw=1, color=color[pol], label=f"{pol} (all)")
+                        ax.axhline(100 * y.mean, ls="--", lw=1, color=color[pol], label=f"{pol} (all)")
+                        if y.hi > y.lo:
+                            ax.axhspan(100 * y.lo, 100 * y.hi, color=color[pol], alpha=0.1, lw=0)
                     continue
                 pts = [(b, avg(length, pol, b)) for b in budgets]
                 pts = [(b, y) for b, y in pts if y is not None]
                 if pts:
-                    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol, color=color[pol])
+                    x, y, err = bars(pts, pol)
+                    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=pol, color=color[pol])
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [str(b) for b in budgets])
             ax.set_title(f"{length} tokens")
@@ -180,8 +237,9 @@ def plot_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pat
                     pts = [(L, avg(L, pol, bb)) for L in lengths]
                     pts = [(L, y) for L, y in pts if y is not None]
                     if pts:
-                        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol,
-                                ls="--" if bb is None else "-", color=color[pol])
+                        x, y, err = bars(pts, pol)
+                        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=pol,
+                                    ls="--" if bb is None else "-", color=color[pol])
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(lengths, [f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in lengths])
                 ax.set_title(f"budget {b}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from kvpolicy.hookspecs import hookimpl
 
+ORACLE_PAGE_SIZES = {"oracle-token": 1, "oracle-p4": 4, "oracle-p8": 8, "oracle-p16": 16}
+
 
 @hookimpl
 def kvpolicy_register_indexes():
@@ -44,6 +46,11 @@ def kvpolicy_register_presets():
     return {
         "full": {"selector": "full", "index": "exact"},
         "oracle": {"selector": "oracle", "index": "exact"},
+        # oracles that split the loss (issue 22): exact top-k by attention mass at page sizes 1 (single tokens),
+        # 4, 8 and 16 (= oracle). Sink and window keep their default token counts (16 + 16 below a 128-token
+        # budget, 32 + 32 from 128), which Policy.split() converts to pages of each size: the same tokens at
+        # every page size, and the same as IceCache's and Quest's 16-token pages, so only the granularity differs.
+        **{name: {"selector": "oracle", "index": "exact", "page_size": size} for name, size in ORACLE_PAGE_SIZES.items()},
         "streaming": {"selector": "streaming", "index": "exact"},
         "exact-topk": {"selector": "index_topk", "index": "exact"},
     }
