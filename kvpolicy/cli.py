@@ -231,7 +231,7 @@ def cmd_demo(args) -> int:
     from kvpolicy.eval.demo import demo_policies, render_demo_table, run_passkey_demo
     from kvpolicy.policy import Policy
 
-    policies = args.policy.split(",") if args.policy else demo_policies()
+    policies = args.policy.split(",") if args.policy else demo_policies(every_preset=args.all)
     for p in policies:
         Policy.resolve(p)
     console = Console(stderr=False)
@@ -289,8 +289,11 @@ def _run_bench(args, model, model_name: str, device: str, cfg, run, show, plot) 
     return 0
 
 
-DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS (kept import-free for a fast --help)
-DEMO_SEED = 1
+# kept here, not imported, so that `kvpolicy --help` loads no torch (tests/test_cli.py checks they agree)
+DEMO_POLICIES = ("full", "oracle", "streaming", "icecache")  # kvpolicy.eval.demo.DEFAULT_POLICIES
+DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS
+DEMO_SEED = 1  # kvpolicy.eval.demo.DEFAULT_SEED
+DEMO_NEW_TOKENS = 8  # kvpolicy.eval.demo.DEFAULT_NEW_TOKENS
 
 
 def cmd_bench_decode(args) -> int:
@@ -351,12 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="passkey retrieval per policy and budget on a real model (the main job)")
     model_args(s)
-    s.add_argument("--policy", default=None, help="comma-separated presets (default: full, oracle, streaming "
-                                                  "and every query-aware preset installed)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--policy", default=None,
+                       help=f"comma-separated presets (default: {', '.join(DEMO_POLICIES)})")
+    which.add_argument("--all", action="store_true", help="every installed preset (`kvpolicy plugins` lists them)")
     s.add_argument("--budget", type=_int_list, default=[64, 128, 256, 512], help="comma-separated token budgets")
     s.add_argument("--length", type=int, default=4000, help="prompt length in tokens")
     s.add_argument("--depths", type=_float_list, default=list(DEMO_DEPTHS), help="needle depths in [0, 1]")
-    s.add_argument("--max-new-tokens", type=int, default=12)
+    s.add_argument("--max-new-tokens", type=int, default=DEMO_NEW_TOKENS, help="tokens after 'The pass key is'")
     s.add_argument("--seed", type=int, default=DEMO_SEED, help="haystack seed (picks the essay text and key)")
     s.add_argument("--json", default=None, help="also write one JSON object per row to this file")
     s.set_defaults(fn=cmd_demo)
