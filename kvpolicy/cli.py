@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -236,10 +237,13 @@ def cmd_demo(args) -> int:
         Policy.resolve(p)
     console = Console(stderr=False)
     console.print(f"loading {args.model} ...")
+    t0 = time.perf_counter()
     model, tok = _load(args)
     rows = run_passkey_demo(model, tok, context_tokens=args.length, depths=args.depths, budgets=args.budget,
                             policies=policies, max_new_tokens=args.max_new_tokens, seed=args.seed)
     console.print(render_demo_table(rows, args.budget))
+    minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
+    console.print(f"{len(policies)} policies, {len(rows)} runs, {minutes} min {seconds:02d} s (model load included)")
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r.as_dict()) + "\n" for r in rows))
         console.print(f"rows written to {args.json}")
