@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 BASE_POLICIES = ("full", "oracle", "streaming")
-# the default run: the two bounds, the query-agnostic baseline and the reference policy (about 2 minutes on 2 cores)
+# the default run: the two bounds, the query-agnostic baseline and the reference policy
 DEFAULT_POLICIES = (*BASE_POLICIES, "icecache")
 # SmolLM2-135M with the full cache does not retrieve most 4k essay passkeys placed early in the prompt
 # (measured: 2/12 at depths 0.1/0.5/0.9 over seeds 0-3). With haystack seed 1 it retrieves the key at depths
