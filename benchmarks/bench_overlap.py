@@ -20,6 +20,7 @@ import time
 import torch
 
 from kvpolicy.bench.decode import CONFIGS
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.hf import KVPolicyCache
 from kvpolicy.policy import Policy
 
@@ -50,7 +51,7 @@ def sync(dev: str) -> None:
 def run(model, ids, cache, steps: int, dev: str) -> dict:
     sync(dev)
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)
     sync(dev)
     prefill = time.perf_counter() - t0
@@ -59,7 +60,7 @@ def run(model, ids, cache, steps: int, dev: str) -> dict:
     for _ in range(steps):
         before = layer.win_len if layer is not None else 0
         t = time.perf_counter()
-        out = model(nxt, past_key_values=cache, use_cache=True)
+        out = model(nxt, **cache_kwargs(cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         sync(dev)
         times.append(time.perf_counter() - t)

@@ -13,6 +13,7 @@ import argparse
 import torch
 
 from kvpolicy.bench.decode import DecodeBenchConfig, bench_decode, load_bench_model
+from kvpolicy.cache_arg import cache_kwargs
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
         nxt = ids[:, -1:]
         with profile(activities=acts) as prof, torch.inference_mode():
             for _ in range(args.steps):
-                nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                nxt = model(nxt, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
             if dev == "cuda":
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
@@ -62,7 +63,7 @@ def main() -> None:
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     for _ in range(args.steps):
-                        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                        nxt = model(nxt, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             for w in caught:

@@ -31,7 +31,7 @@ def attention_backend(q: torch.Tensor) -> str:
         return "torch"
     if mode == "triton":
         if not _triton_available():
-            raise RuntimeError(f"{ATTENTION_ENV}=triton but triton is not installed (pip install triton)")
+            raise RuntimeError(f"{ATTENTION_ENV}=triton but triton is not installed (pip install 'kvpolicy[gpu]')")
         return "triton"
     if mode != "auto":
         raise ValueError(f"{ATTENTION_ENV} must be 'torch', 'triton' or 'auto', got {mode!r}")

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -255,15 +256,18 @@ def cmd_demo(args) -> int:
     from kvpolicy.eval.demo import demo_policies, render_demo_table, run_passkey_demo
     from kvpolicy.policy import Policy
 
-    policies = args.policy.split(",") if args.policy else demo_policies()
+    policies = args.policy.split(",") if args.policy else demo_policies(every_preset=args.all)
     for p in policies:
         Policy.resolve(p)
     console = Console(stderr=False)
     console.print(f"loading {args.model} ...")
+    t0 = time.perf_counter()
     model, tok = _load(args)
     rows = run_passkey_demo(model, tok, context_tokens=args.length, depths=args.depths, budgets=args.budget,
                             policies=policies, max_new_tokens=args.max_new_tokens, seed=args.seed)
     console.print(render_demo_table(rows, args.budget))
+    minutes, seconds = divmod(round(time.perf_counter() - t0), 60)
+    console.print(f"{len(policies)} policies, {len(rows)} runs, {minutes} min {seconds:02d} s (model load included)")
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r.as_dict()) + "\n" for r in rows))
         console.print(f"rows written to {args.json}")
@@ -314,8 +318,11 @@ def _run_bench(args, model, model_name: str, device: str, cfg, run, show, plot) 
 
 
 OVERFLOW_HELP = "run even when prompt + new tokens exceed the model's maximum position (default: an error)"
-DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS (kept import-free for a fast --help)
-DEMO_SEED = 1
+# kept here, not imported, so that `kvpolicy --help` loads no torch (tests/test_cli.py checks they agree)
+DEMO_POLICIES = ("full", "oracle", "streaming", "icecache")  # kvpolicy.eval.demo.DEFAULT_POLICIES
+DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS
+DEMO_SEED = 1  # kvpolicy.eval.demo.DEFAULT_SEED
+DEMO_NEW_TOKENS = 8  # kvpolicy.eval.demo.DEFAULT_NEW_TOKENS
 
 
 def cmd_bench_decode(args) -> int:
@@ -389,12 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="passkey retrieval per policy and budget on a real model (the main job)")
     model_args(s)
-    s.add_argument("--policy", default=None, help="comma-separated presets (default: full, oracle, streaming "
-                                                  "and every query-aware preset installed)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--policy", default=None,
+                       help=f"comma-separated presets (default: {', '.join(DEMO_POLICIES)})")
+    which.add_argument("--all", action="store_true", help="every installed preset (`kvpolicy plugins` lists them)")
     s.add_argument("--budget", type=_int_list, default=[64, 128, 256, 512], help="comma-separated token budgets")
     s.add_argument("--length", type=int, default=4000, help="prompt length in tokens")
     s.add_argument("--depths", type=_float_list, default=list(DEMO_DEPTHS), help="needle depths in [0, 1]")
-    s.add_argument("--max-new-tokens", type=int, default=12)
+    s.add_argument("--max-new-tokens", type=int, default=DEMO_NEW_TOKENS, help="tokens after 'The pass key is'")
     s.add_argument("--seed", type=int, default=DEMO_SEED, help="haystack seed (picks the essay text and key)")
     s.add_argument("--json", default=None, help="also write one JSON object per row to this file")
     s.set_defaults(fn=cmd_demo)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.context_length import check_context_length
 from kvpolicy.hf import KVPolicyCache, check_model_supported, policy_attention
 from kvpolicy.policy import Policy
@@ -33,7 +34,7 @@ def prefill(model: Any, cache: Any, input_ids: torch.Tensor, chunk: int | None, 
         bar = tqdm(total=T, desc="prefill", unit="tok", unit_scale=True)
     out = None
     for s in starts:
-        out = model(input_ids=input_ids[:, s : s + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids[:, s : s + step], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         if bar is not None:
             bar.update(min(step, T - s))
     if bar is not None:
@@ -159,7 +160,7 @@ def _generate(model, tok, inputs, pol, prompt_len, *, max_new_tokens, validate, 
     chunk = cache.prefill_chunk
     if chunk and prompt_len > chunk:  # stream all but the last chunk; generate() runs that one and decodes
         prefill(model, cache, inputs["input_ids"][:, : (prompt_len - 1) // chunk * chunk], chunk, progress=progress)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, **generate_kwargs)
+    out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=max_new_tokens, **generate_kwargs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

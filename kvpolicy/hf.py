@@ -11,7 +11,7 @@
 Usage::
 
     cache = KVPolicyCache(model, Policy.preset("oracle", budget=256))   # selects attn "kvpolicy"
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=32)   # kvpolicy.cache_arg
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.hf import KVPolicyCache
 from kvpolicy.layer import PolicyLayer
 from tests.conftest import tiny_model
@@ -64,7 +65,7 @@ def test_a_hand_off_that_is_never_taken_is_an_error():
     ids = torch.randint(1, 128, (1, 100), generator=torch.Generator().manual_seed(3))
     cache = KVPolicyCache(model.config, "exact-topk", budget=64)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="set_attn_implementation\\('kvpolicy'\\)"):
-        model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        model.generate(ids, **cache_kwargs(cache), max_new_tokens=4, do_sample=False)
 
 
 def test_the_hand_off_is_cleared_when_a_step_fails(monkeypatch):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.hf import KVPolicyCache
 from kvpolicy.layer import PolicyLayer
 from kvpolicy.policy import Policy
@@ -88,7 +89,7 @@ def test_omnikv_followers_reuse_the_filter_layers_ranking(model):
     pol = Policy.preset("omnikv", budget=128, selector={"name": "omnikv", "filter_layers": (1, 4)})
     cache = KVPolicyCache(model, pol)
     with torch.inference_mode():
-        model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        model.generate(ids, **cache_kwargs(cache), max_new_tokens=8, do_sample=False)
     model.set_attn_implementation("sdpa")
     st = {i: cache.layers[i].state for i in cache.policy_layers}
     k = pol.resolve_budget().retrieved_pages

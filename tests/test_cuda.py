@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.hf import KVPolicyCache, PolicyCacheLayer
 from tests.conftest import tiny_model
 
@@ -18,7 +19,7 @@ def _decode_each(model, ids, policy, n, variants):
     for kw in variants:
         cache = KVPolicyCache(model, policy, **kw)
         with torch.inference_mode():
-            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False))
+            outs.append(model.generate(ids, **cache_kwargs(cache), max_new_tokens=n, do_sample=False))
         caches.append(cache)
     model.set_attn_implementation("sdpa")
     return outs, caches
@@ -39,7 +40,7 @@ def test_offloaded_pages_live_in_pinned_cpu_memory():
     ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(2)).cuda()
     cache = KVPolicyCache(model, "exact-topk", budget=128)
     with torch.inference_mode():
-        model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False)
+        model.generate(ids, **cache_kwargs(cache), max_new_tokens=20, do_sample=False)
     model.set_attn_implementation("sdpa")
     for layer in cache.layers:
         assert isinstance(layer, PolicyCacheLayer)
@@ -159,7 +160,7 @@ def test_captured_model_decoding_matches_eager(preset):
         for i in cache.policy_layers:
             cache.layers[i].state.cuda_graphs = graphs
         with torch.inference_mode():
-            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=48, do_sample=False))
+            outs.append(model.generate(ids, **cache_kwargs(cache), max_new_tokens=48, do_sample=False))
         caches.append(cache)
     model.set_attn_implementation("sdpa")
     assert torch.equal(outs[0], outs[1])
@@ -220,7 +221,7 @@ def test_deferred_insertion_with_captured_steps_on_cuda():
     pol = Policy.from_config({**base.to_config(), "dense_layers": [0]})
     ref = KVPolicyCache(model, pol)
     with torch.inference_mode():
-        model.generate(ids, past_key_values=ref, max_new_tokens=48, do_sample=False)
+        model.generate(ids, **cache_kwargs(ref), max_new_tokens=48, do_sample=False)
     model.set_attn_implementation("sdpa")
     import os
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.eval.ablate import selection_metrics
 from kvpolicy.eval.fidelity import policy_nll
 from kvpolicy.eval.runner import EvalJob
@@ -32,7 +33,7 @@ def _nll(model, ids, name: str, budget: int | None, **over):
     job = EvalJob(name, budget, Policy.preset(name, budget=budget, **over))
     with torch.inference_mode():
         dense = DynamicCache(config=model.config)
-        first = model(ids[:, :PROMPT], past_key_values=dense, use_cache=True).logits[:, -1]
+        first = model(ids[:, :PROMPT], **cache_kwargs(dense), use_cache=True).logits[:, -1]
     return policy_nll(model, ids, PROMPT, job, dense, first)
 
 
@@ -58,9 +59,9 @@ def test_budgeted_policies_read_no_more_than_their_budget(setup, name):
     b = pol.resolve_budget()
     with torch.inference_mode():
         cache = KVPolicyCache(model, pol)
-        model(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+        model(ids[:, :PROMPT], **cache_kwargs(cache), use_cache=True)
         for t in range(8):
-            model(ids[:, PROMPT + t : PROMPT + t + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, PROMPT + t : PROMPT + t + 1], **cache_kwargs(cache), use_cache=True)
     for i in cache.policy_layers:
         st = cache.layers[i].state
         assert st.budget.retrieved_pages == b.retrieved_pages
@@ -108,9 +109,9 @@ def test_omnikv_followers_reuse_the_filter_ranking_of_the_same_step(monkeypatch)
     monkeypatch.setattr(layer_mod.PolicyLayer, "decode", spy)
     with torch.inference_mode():
         cache = KVPolicyCache(model, pol)
-        model(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+        model(ids[:, :PROMPT], **cache_kwargs(cache), use_cache=True)
         for t in range(CONT):
-            model(ids[:, PROMPT + t : PROMPT + t + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, PROMPT + t : PROMPT + t + 1], **cache_kwargs(cache), use_cache=True)
     k = pol.resolve_budget().retrieved_pages
     assert sorted(seen) == list(range(CONT))
     for step, sel in seen.items():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.errors import UnsupportedModelError
 from kvpolicy.hf import KVPolicyCache, PolicyCacheLayer
 from tests.conftest import tiny_model
@@ -59,10 +60,10 @@ def test_from_dense_prefill_reproduces_dense(tiny_llama):
     ref = _dense(tiny_llama, ids, 30)
     dense = DynamicCache(config=tiny_llama.config)
     with torch.inference_mode():
-        tiny_llama(ids[:, :-1], past_key_values=dense, use_cache=True)
+        tiny_llama(ids[:, :-1], **cache_kwargs(dense), use_cache=True)
         before = dense.layers[1].keys.clone()
         cache = KVPolicyCache.from_dense(tiny_llama, "exact-topk", dense, budget=None)
-        out = tiny_llama.generate(ids, past_key_values=cache, max_new_tokens=30, do_sample=False)
+        out = tiny_llama.generate(ids, **cache_kwargs(cache), max_new_tokens=30, do_sample=False)
     tiny_llama.set_attn_implementation("sdpa")
     assert torch.equal(out[:, 200:], ref)
     assert torch.equal(dense.layers[1].keys, before)  # the shared prefill is not modified

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.hf import KVPolicyCache, PolicyCacheLayer
 from kvpolicy.policy import Policy
 from kvpolicy.reference.mirror_index import MirrorIndex
@@ -58,7 +59,7 @@ def test_layer_reuse_mirrors_the_anchor(model):
     ids = _ids(600, seed=2)
     cache = KVPolicyCache(model, "icecache-reuse", budget=128)
     with torch.inference_mode():
-        model.generate(ids, past_key_values=cache, max_new_tokens=30, do_sample=False)
+        model.generate(ids, **cache_kwargs(cache), max_new_tokens=30, do_sample=False)
     model.set_attn_implementation("sdpa")
     anchors = {2: (3, 4), 5: (6, 7)}  # reference: anchors 2, 5, 8, ... and the two layers after each
     for a, followers in anchors.items():
@@ -78,7 +79,7 @@ def test_same_seed_same_selection(model):
     for _ in range(2):
         cache = KVPolicyCache(model, "icecache", budget=128)
         with torch.inference_mode():
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+            out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=10, do_sample=False)
         sels.append((out, [cache.layers[i].state.last_selection.page_ids for i in cache.policy_layers]))
     model.set_attn_implementation("sdpa")
     assert torch.equal(sels[0][0], sels[1][0])

@@ -24,7 +24,7 @@ from kvpolicy.attention import attention_backend, decode_attention, paged_decode
 from kvpolicy.ops import gqa_merge
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'triton>=3.0')")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'kvpolicy[gpu]')")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -63,3 +63,29 @@ def test_kernels_are_a_leaf():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] != "kvpolicy", f"{path.name} imports {name}"
+
+
+def _extras() -> dict[str, list[str]]:
+    """extra -> the requirements it adds, from the installed distribution's metadata."""
+    import importlib.metadata
+    import re
+
+    out: dict[str, list[str]] = {}
+    for req in importlib.metadata.requires("kvpolicy") or []:
+        m = re.search(r"""extra\s*==\s*["']([\w-]+)["']""", req)
+        if m:
+            out.setdefault(m.group(1), []).append(req.split(";")[0].strip())
+    return out
+
+
+def test_triton_comes_only_with_the_gpu_extra():
+    extras = _extras()
+    assert [r for r in extras["gpu"] if r.startswith("triton")]
+    holders = sorted(e for e, reqs in extras.items() if any(r.startswith("triton") for r in reqs))
+    assert holders == ["gpu"], holders
+    all_extra = next(r for r in extras["all"] if r.startswith("kvpolicy["))
+    assert "gpu" not in all_extra and "triton" not in all_extra, all_extra
+
+
+def test_the_test_extra_brings_hugging_face_kernels():
+    assert any(r.startswith("kernels") for r in _extras()["test"])

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.pool import PagePool
 
 _INTERP = textwrap.dedent(
@@ -125,7 +126,7 @@ def test_uva_transfer_decodes_like_the_default_transfer(preset):
         pol = Policy.from_config({**base.to_config(), "transfer": transfer})
         cache = KVPolicyCache(model, pol)
         with torch.inference_mode():
-            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False))
+            outs.append(model.generate(ids, **cache_kwargs(cache), max_new_tokens=40, do_sample=False))
         model.set_attn_implementation("sdpa")
         assert cache.stats()["pages_moved"] > 0
     assert torch.equal(outs[0], outs[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.hf import KVPolicyCache
 from tests.conftest import tiny_model
 
@@ -27,7 +28,7 @@ def _run(model, preset, prefetch, ids, n=40, budget=128):
     cache = KVPolicyCache(model, preset, budget=budget, prefetch=prefetch, validate=True)
     try:
         with torch.inference_mode():
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False)
+            out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=n, do_sample=False)
     finally:
         model.set_attn_implementation("sdpa")
     return out, cache
@@ -74,7 +75,7 @@ def test_estimate_is_the_next_layers_projection_of_this_layers_input():
     s2.decode, s3.prefetch = spy_decode, spy_prefetch
     try:
         with torch.inference_mode():
-            model.generate(_ids(600, seed=1), past_key_values=cache, max_new_tokens=12, do_sample=False)
+            model.generate(_ids(600, seed=1), **cache_kwargs(cache), max_new_tokens=12, do_sample=False)
     finally:
         model.set_attn_implementation("sdpa")
     assert len(seen["prefetch"]) == len(seen["decode"]) == 11

@@ -8,6 +8,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.hf import KVPolicyCache
 from kvpolicy.policy import Policy
 from kvpolicy.reference.exact_index import ExactIndex
@@ -19,7 +20,7 @@ from kvpolicy.testing import _single_plugin
 def _generate(model, ids, policy, n=24, **kw):
     cache = KVPolicyCache(model, policy, **kw)
     try:
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=n, do_sample=False)
     finally:
         model.set_attn_implementation("sdpa")
     return out[:, ids.shape[1]:], cache
@@ -73,7 +74,7 @@ def test_prompt_query_selectors_refuse_a_dense_prefill(tiny_llama):
     pol = Policy(selector="test-recording", budget=96, registry=reg)
     dense = DynamicCache(config=tiny_llama.config)
     with torch.inference_mode():
-        tiny_llama(torch.randint(0, 128, (1, 200)), past_key_values=dense, use_cache=True)
+        tiny_llama(torch.randint(0, 128, (1, 200)), **cache_kwargs(dense), use_cache=True)
     with pytest.raises(ValueError, match="needs the prompt's queries"):
         KVPolicyCache.from_dense(tiny_llama, pol, dense)
     tiny_llama.set_attn_implementation("sdpa")
@@ -153,7 +154,7 @@ def _deferred_generate(model, ids, policy, n, executor=None, slow_add_s=0.0):
 
         index.add = slow
     try:
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=n, do_sample=False)
     finally:
         model.set_attn_implementation("sdpa")
     st = cache.stats()
@@ -244,7 +245,7 @@ def test_a_failing_deferred_insertion_surfaces_at_its_join(tiny_llama):
         cache.layers[i].state.index.add = fail
     try:
         with pytest.raises(FloatingPointError, match="on purpose"):
-            tiny_llama.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False)
+            tiny_llama.generate(ids, **cache_kwargs(cache), max_new_tokens=40, do_sample=False)
     finally:
         tiny_llama.set_attn_implementation("sdpa")
     st = cache.layers[cache.policy_layers[0]].state

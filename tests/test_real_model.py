@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kvpolicy
-from kvpolicy.eval.demo import demo_policies
+from kvpolicy.cache_arg import cache_kwargs
+from kvpolicy.eval.demo import BASE_POLICIES, query_aware_presets
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ def essay_ids(smollm2):
     return tok(essay_text()[:3000], return_tensors="pt")["input_ids"][:, :600]  # [1, 600]
 
 
-@pytest.mark.parametrize("policy", demo_policies())
+@pytest.mark.parametrize("policy", [*BASE_POLICIES, *query_aware_presets()])
 def test_unlimited_budget_reproduces_dense_greedy(smollm2, essay_ids, policy):
     model, _ = smollm2
     with torch.inference_mode():
@@ -113,7 +114,7 @@ def test_icecache_finds_the_passkey_at_64_128_256_tokens(smollm2):
     for _ in range(2):
         cache = KVPolicyCache(model, "icecache", budget=128)
         with torch.inference_mode():
-            model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+            model.generate(ids, **cache_kwargs(cache), max_new_tokens=6, do_sample=False)
         model.set_attn_implementation("sdpa")
         selections.append([cache.layers[i].state.last_selection.page_ids for i in cache.policy_layers])
     assert all(torch.equal(a, b) for a, b in zip(*selections))

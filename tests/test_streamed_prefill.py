@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.chunk_attention import partial_attention, reference_partial
 from kvpolicy.generation import prefill
 from kvpolicy.hf import KVPolicyCache
@@ -81,15 +82,15 @@ def test_continued_prompt_equals_one_prompt(arch):
     ref = _dense(model, ids, 12)
     def two_turns():
         cache = KVPolicyCache(model, "oracle", budget=None, prefill_chunk=None)
-        model(ids[:, :100], past_key_values=cache, use_cache=True)
-        model(ids[:, 100:120], past_key_values=cache, use_cache=True)  # decodes nothing in between
+        model(ids[:, :100], **cache_kwargs(cache), use_cache=True)
+        model(ids[:, 100:120], **cache_kwargs(cache), use_cache=True)  # decodes nothing in between
         return cache
 
     with torch.inference_mode():
         whole = model(ids).logits[:, -1]
-        turn = model(ids[:, 120:], past_key_values=two_turns(), use_cache=True).logits[:, -1]
+        turn = model(ids[:, 120:], **cache_kwargs(two_turns()), use_cache=True).logits[:, -1]
         # generate() runs the rest of the prompt (ids[:, 120:]) as a third multi-token forward, then decodes
-        out = model.generate(ids, past_key_values=two_turns(), max_new_tokens=12, do_sample=False)[:, 170:]
+        out = model.generate(ids, **cache_kwargs(two_turns()), max_new_tokens=12, do_sample=False)[:, 170:]
     model.set_attn_implementation("sdpa")
     torch.testing.assert_close(turn, whole, atol=1e-4, rtol=1e-4)
     assert torch.equal(out, ref)
@@ -130,9 +131,9 @@ def test_policy_that_cannot_extend(tiny_llama):
     assert cache.prefill_chunk is None
     ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
-        tiny_llama(ids, past_key_values=cache, use_cache=True)
+        tiny_llama(ids, **cache_kwargs(cache), use_cache=True)
         lens = [cache.layers[i].state.seq_len for i in cache.policy_layers]
         with pytest.raises(ValueError, match="cannot take a continued prompt"):
-            tiny_llama(ids[:, :20], past_key_values=cache, use_cache=True)
+            tiny_llama(ids[:, :20], **cache_kwargs(cache), use_cache=True)
     tiny_llama.set_attn_implementation("sdpa")
     assert [cache.layers[i].state.seq_len for i in cache.policy_layers] == lens

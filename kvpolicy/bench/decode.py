@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.prefetch import PREFETCH_SUFFIXES, split_prefetch
 
 __all__ = ["CONFIGS", "DecodeBenchConfig", "bench_decode", "load_bench_model", "plot_decode", "print_table", "write_json"]
@@ -187,7 +188,7 @@ class Stepper:
 
     def __call__(self) -> float:
         t = time.perf_counter()
-        o = self.model(self.nxt, past_key_values=self.cache, use_cache=True)
+        o = self.model(self.nxt, **cache_kwargs(self.cache), use_cache=True)
         self.nxt = o.logits[:, -1:].argmax(-1)
         _sync(self.model.device)
         self.tokens.append(self.nxt)
@@ -255,7 +256,7 @@ def _run_dense_static(model, ids: torch.Tensor, cfg: DecodeBenchConfig, capture:
     cache = StaticCache(config=model.config, max_cache_len=L + cfg.steps + 4)
     _sync(dev)
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(L, device=dev),
+    out = model(ids, **cache_kwargs(cache), use_cache=True, cache_position=torch.arange(L, device=dev),
                 logits_to_keep=1)
     tok = out.logits[:, -1:].argmax(-1)  # [1, 1] the step's input, fixed storage
     _sync(dev)
@@ -263,7 +264,7 @@ def _run_dense_static(model, ids: torch.Tensor, cfg: DecodeBenchConfig, capture:
     pos = torch.tensor([L], device=dev)  # [1] cache position of the step's token
 
     def forward() -> torch.Tensor:  # -> [1, 1] next token
-        return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1)
+        return model(tok, **cache_kwargs(cache), use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1)
 
     t1 = time.perf_counter()
     if capture:
@@ -332,9 +333,9 @@ def _warmup(model) -> None:
     n = min(1024, (getattr(model.config, "max_position_embeddings", None) or 2048) // 2)
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
     cache = DynamicCache(config=model.config)
-    out = model(ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids.to(model.device), **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     for _ in range(32):
-        out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+        out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache), use_cache=True)
     _sync(model.device)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.eval.ablate import full_layout, selection_metrics
 from kvpolicy.eval.capture import capture_qkv
 from kvpolicy.eval.runner import EvalJob
@@ -47,12 +48,12 @@ def policy_nll(model: Any, ids: torch.Tensor, n_prompt: int, job: EvalJob | None
     prompt, cont = ids[:, :n_prompt], ids[:, n_prompt:]
     if job is None or job.own_prefill or dense is None:
         cache = DynamicCache(config=model.config) if job is None else KVPolicyCache(model, job.policy)
-        first_logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        first_logits = model(prompt, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     else:
         cache = KVPolicyCache.from_dense(model, job.policy, dense)
     nll = [float(-torch.log_softmax(first_logits.float(), -1)[0, cont[0, 0]])]
     for t in range(cont.shape[1] - 1):
-        logits = model(cont[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(cont[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits[:, -1]
         nll.append(float(-torch.log_softmax(logits.float(), -1)[0, cont[0, t + 1]]))
     return nll
 
@@ -132,7 +133,7 @@ def fidelity_rows(model: Any, tokenizer: Any, jobs: list[EvalJob], L: int, *, n_
     text = ids[:, : L + continuation]
     with torch.inference_mode():
         dense = DynamicCache(config=model.config)
-        first_logits = model(text[:, :L], past_key_values=dense, use_cache=True, logits_to_keep=1).logits[:, -1]
+        first_logits = model(text[:, :L], **cache_kwargs(dense), use_cache=True, logits_to_keep=1).logits[:, -1]
     nll_full = policy_nll(model, text, L, None)
     for job in todo:
         yield job, fidelity_row(model, qkv, text, L, job, n_queries, nll_full, dense, first_logits)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.context_length import check_context_length
 from kvpolicy.eval.results_file import check_results_path, open_results
 from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
@@ -136,10 +137,10 @@ def _decode(model, tokenizer, sample: TaskSample, job: EvalJob, dense, first) ->
     n = sample.max_new_tokens
     if job.own_prefill:  # the selector scores the prompt: its prefill runs through the cache
         cache = KVPolicyCache(model, pol, prefetch=job.prefetch)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
+        out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
     else:
         cache = KVPolicyCache.from_dense(model, pol, dense, prefetch=job.prefetch)
-        rest = model.generate(torch.cat([ids, first], 1), past_key_values=cache, max_new_tokens=max(n - 1, 1),
+        rest = model.generate(torch.cat([ids, first], 1), **cache_kwargs(cache), max_new_tokens=max(n - 1, 1),
                               do_sample=False)[0, ids.shape[1] + 1:]
         out = torch.cat([first[0], rest])[:n]
     return tokenizer.decode(out, skip_special_tokens=True), cache.memory()
