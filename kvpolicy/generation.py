@@ -136,7 +136,7 @@ def generate(
     ``tokenizer_or_inputs`` is a tokenizer (then ``prompt`` is required and the output is decoded), a dict
     with ``input_ids`` or a ``[B, T]`` tensor of ids. ``budget=None`` means unlimited. ``defer_insert``,
     ``prefetch`` and ``prefill_chunk`` (the prompt streams in, ``prefill_chunk`` tokens per forward): see
-    ``KVPolicyCache``. ``progress`` shows a bar over the prompt's chunks. A prompt plus ``max_new_tokens`` beyond
+    ``KVPolicyCache``. ``progress`` shows a bar over the prompt's chunks and one over the layers' index builds. A prompt plus ``max_new_tokens`` beyond
     the model's maximum position is a ``ContextLengthError`` unless ``allow_overflow``.
     """
     check_model_supported(model.config)
@@ -155,6 +155,8 @@ def _generate(model, tok, inputs, pol, prompt_len, *, max_new_tokens, validate, 
               progress, **generate_kwargs) -> GenerationResult:
     cache = KVPolicyCache(model, pol, validate=validate, defer_insert=defer_insert, prefetch=prefetch,
                           prefill_chunk=prefill_chunk)
+    if progress:
+        cache.show_build_progress()
     generate_kwargs.setdefault("do_sample", False)
     t0 = time.perf_counter()
     chunk = cache.prefill_chunk

@@ -238,6 +238,7 @@ class PolicyCacheLayer(_layer_base()):
 
     def prefill(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None = None) -> None:
         self.state.prefill(keys, values, queries=queries, executor=self.cache.build_executor)
+        self.cache.count_build(self.state)
 
     def get_seq_length(self) -> int:
         return self.state.seq_len
@@ -368,6 +369,29 @@ class KVPolicyCache(_get_dynamic_cache()):
         register_attention()
         if hasattr(model_or_config, "set_attn_implementation"):
             model_or_config.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def show_build_progress(self) -> None:
+        """Show a progress bar over the policy layers' prefill jobs (index build, pool write), which run in the
+        background while the prompt goes through the next layers; it closes when the last one is done."""
+        from tqdm.auto import tqdm
+
+        self._build_bar = tqdm(total=len(self.policy_layers), desc="index build", unit="layer")
+
+    def count_build(self, state: PolicyLayer) -> None:
+        bar = getattr(self, "_build_bar", None)
+        if bar is None:
+            return
+
+        def done(_=None):
+            bar.update(1)
+            if bar.n >= bar.total:
+                bar.close()
+
+        job = state._job
+        if job is None:  # ran inline
+            done()
+        else:
+            job.add_done_callback(done)
 
     def can_extend(self) -> str | None:
         """None if every policy layer can take a multi-token forward after its prefill (a streamed prefill's

@@ -137,3 +137,11 @@ def test_policy_that_cannot_extend(tiny_llama):
             tiny_llama(ids[:, :20], **cache_kwargs(cache), use_cache=True)
     tiny_llama.set_attn_implementation("sdpa")
     assert [cache.layers[i].state.seq_len for i in cache.policy_layers] == lens
+
+
+def test_progress_bars_over_the_prompt_chunks_and_the_index_builds(tiny_llama, capsys):
+    ids = torch.randint(1, 128, (1, 300), generator=torch.Generator().manual_seed(10))
+    kvpolicy.generate(tiny_llama, ids, policy="exact-topk", budget=96, max_new_tokens=2, prefill_chunk=64,
+                      progress=True)
+    err = capsys.readouterr().err
+    assert "prefill" in err and "index build" in err and "3/3" in err  # tiny_llama: 3 layers, 3 builds
