@@ -32,6 +32,10 @@ class Partial:
     out: torch.Tensor
     lse: torch.Tensor
 
+    def output(self, dtype: torch.dtype) -> torch.Tensor:
+        """The attention output in transformers' layout, ``[B, L, Hq, D]`` in ``dtype``."""
+        return self.out.to(dtype).transpose(1, 2).contiguous()
+
     def merge(self, other: Partial) -> Partial:
         """Attention over the union of both key sets (exact)."""
         lse = torch.logaddexp(self.lse, other.lse)

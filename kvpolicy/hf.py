@@ -124,7 +124,7 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
             past = partial_attention(query, key[:, :, :-L], value[:, :, :-L], scale=scale, softcap=kwargs.get("softcap"))
             own = partial_attention(query, key[:, :, -L:], value[:, :, -L:], scale=scale, causal=True,
                                     softcap=kwargs.get("softcap"))
-            return own.merge(past).out.to(query.dtype).transpose(1, 2).contiguous(), None
+            return own.merge(past).output(query.dtype), None
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpolicy.chunk_attention import Partial, partial_attention
+from kvpolicy.chunk_attention import partial_attention
 
 __all__ = ["BLOCK_TOKENS", "check_extend", "extend"]
 
@@ -117,11 +117,7 @@ def _attend(layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
     acc = acc.merge(partial_attention(query, near_k, near_v, scale=scaling, softcap=softcap))
     for k, v, valid in _pool_blocks(layer):
         acc = acc.merge(partial_attention(query, k, v, scale=scaling, valid=valid, softcap=softcap))
-    return _finish(acc, query.dtype)
-
-
-def _finish(acc: Partial, dtype: torch.dtype) -> torch.Tensor:
-    return acc.out.to(dtype).transpose(1, 2).contiguous()  # [B, L, Hq, D]
+    return acc.output(query.dtype)
 
 
 def _insert_after(layer, copies_done, k: torch.Tensor, v: torch.Tensor) -> None:
