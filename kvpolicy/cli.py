@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="llama3-8b-1m", help="random-weight configuration when --model is not given")
     s.add_argument("--dtype", default=None, help="bfloat16 (default), float16, float32")
     s.add_argument("--device", default=None, help="cuda if available, else cpu")
-    s.add_argument("--policy", type=_str_list, default=["quest:uva", "icecache-hostkeys@cuda:uva"],
+    s.add_argument("--policy", type=_str_list, default=["quest:uva", "icecache-bounded@cuda:uva"],
                    help="comma-separated variants, as in bench decode")
     s.add_argument("--budget", type=_budget, default=256, help="tokens (e.g. 256) or 'all'")
     s.add_argument("--start", default="32k", help="first context length (doubled until a run fails)")

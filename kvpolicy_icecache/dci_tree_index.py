@@ -27,6 +27,7 @@ import torch
 from kvpolicy.interfaces import Index
 from kvpolicy_icecache.dci_tree.build import TreeBuild
 from kvpolicy_icecache.dci_tree.insert import TreeInsert
+from kvpolicy_icecache.dci_tree.mirror import TreeMirror
 from kvpolicy_icecache.dci_tree.promotion import promotion_levels
 from kvpolicy_icecache.dci_tree.search import TreeSearch
 
@@ -34,7 +35,7 @@ __all__ = ["DCITreeIndex", "promotion_levels"]
 
 
 @dataclass(kw_only=True)
-class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, Index):
+class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
     """IceCache's DCI tree: semantic pages (leaves of per-cell projection-sorted lists) and a multi-level,
     field-of-view search over them. One tree per (batch row, KV head), all trees in one set of tensors.
 
@@ -49,7 +50,12 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, Index):
     from a CUDA graph (``cuda_graphs``) with page maxima from a Triton kernel (``fused_scores``);
     ``dense_scan_fraction`` is where the beam search scores all keys at once instead of gathering them.
     ``keys_on_host``: on a CUDA ``device``, the key store stays in pinned CPU memory and the masked search reads
-    only the scanned pages' keys. Each module's docstring holds the algorithm and the deviations from the C code.
+    only the scanned pages' keys. ``tables_on_host`` (with ``keys_on_host``): every table that grows with the
+    tokens stays on the host too, and ``add`` runs there; the device keeps a *search mirror*, the few tables the
+    masked search reads (int32 page table, page cells and lengths, subtree counts, centre keys and parents:
+    about 2% of the layer's KV bytes at D = 128), refreshed for the pages each ``add`` changes
+    (``kvpolicy_icecache.dci_tree.mirror``). Each module's docstring holds the algorithm and the deviations
+    from the C code.
 
     Introspection: ``token_pages()``, ``parents()``, ``level_sizes``, ``last_scanned_fraction`` and
     ``validate()`` (raises ValueError if the structure is inconsistent).
@@ -78,6 +84,7 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, Index):
     cuda_graphs: bool = True
     fused_scores: bool | None = None
     keys_on_host: bool = False
+    tables_on_host: bool = False
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -111,6 +118,11 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, Index):
             raise ValueError("keys_on_host scores pages with the fused kernel of the masked search: it needs "
                              f"search_mode 'auto' or 'masked' and fused_scores None or True, got "
                              f"{self.search_mode!r} and {self.fused_scores!r}")
+        if not isinstance(self.tables_on_host, bool):
+            raise TypeError(f"tables_on_host must be a bool, got {type(self.tables_on_host).__name__}")
+        if self.tables_on_host and not self.keys_on_host:
+            raise ValueError("tables_on_host keeps the index's tables in host memory beside its keys: it needs "
+                             "keys_on_host=True")
         if self.search_mode not in ("auto", "beam", "masked"):
             raise ValueError(f"search_mode must be 'auto', 'beam' or 'masked', got {self.search_mode!r}")
         torch.device(self.device)  # raises on an unknown device string
@@ -135,13 +147,18 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, Index):
         # position). Shared by all rows: level / owned cell of each token, centre token of each cell.
         for name in ("_sq", "_proj", "_parent", "_tok_page", "_tok_slot", "_tok_level", "_tok_cell", "_page_tok",
                      "_page_len", "_num_pages", "_cell_pages", "_cell_npages", "_cell_size", "_cell_M", "_subtree",
-                     "_cell_tok", "_M", "_u", "_scratch", "_c1_cell", "_c1_keys", "_c1_sq", "_last_scanned"):
+                     "_cell_tok", "_M", "_u", "_scratch", "_c1_cell", "_c1_keys", "_c1_sq", "_last_scanned",
+                     "_page_cell", "_cell_anc", "_mirror"):
             setattr(self, name, None)
         self._keys: torch.Tensor | None = None  # [BH, T*, D] keys in the input dtype (pinned host: keys_on_host)
         self._level_tok: list[torch.Tensor] = []  # token ids on each level (level 0 is not used)
         self._level_keys: list[torch.Tensor] = []  # [BH, N_l, D] float32 keys of each level's centres (level >= 1)
-        self._dev = torch.device(self.device)  # where the tables live and search runs
+        self._level_par: list[torch.Tensor] = []  # [BH, N_l] cell holding each centre (level >= 1; search device)
+        self._level_cell: list[torch.Tensor] = []  # [N_l] cell each centre owns (level >= 1; search device)
+        self._sdev = torch.device(self.device)  # where search runs
+        self._dev = self._sdev  # where the tables live and build/add run (the host after a tables_on_host build)
         self._host_keys = False  # the key store sits in pinned host memory (keys_on_host on a CUDA device)
+        self._host_tables = False  # every growing table sits on the host too; search reads ``_mirror``
         self._min_pages = 0  # host copy of num_pages.min() (no sync on the search path)
         self._graph = None  # (key, graph, static query, static fov, output) of the captured masked search
         self._n = 0
@@ -176,9 +193,15 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, Index):
 
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [
+        """Every tensor the index holds, each storage once (level 1's centre keys are ``_c1_keys``)."""
+        ts = [
             self._keys, self._sq, self._proj, self._parent, self._tok_page, self._tok_slot, self._tok_level,
-            self._tok_cell, self._page_tok, self._page_len, self._cell_pages, self._cell_npages, self._cell_size,
-            self._cell_M, self._subtree, self._cell_tok, self._M, self._num_pages, self._u, self._scratch,
-            self._c1_cell, self._c1_keys, self._c1_sq, self._cell_anc, *self._level_keys[2:],
+            self._tok_cell, self._page_tok, self._page_len, self._page_cell, self._cell_pages, self._cell_npages,
+            self._cell_size, self._cell_M, self._subtree, self._cell_tok, self._M, self._num_pages, self._u,
+            self._scratch, self._c1_cell, self._c1_keys, self._c1_sq, self._cell_anc, *self._level_keys[1:],
+            *self._level_par[1:], *self._level_cell[1:], *(self._mirror or ()),
         ]
+        seen: dict[tuple, torch.Tensor] = {}
+        for t in ts:
+            seen.setdefault((t.device, t.untyped_storage().data_ptr()), t)
+        return list(seen.values())

@@ -104,8 +104,8 @@ def test_dci_tree_graph_search_follows_adds_and_growth():
     assert len(captures) >= 2  # at least one re-capture after a reallocation
 
 
-@pytest.mark.parametrize("preset", ["icecache", "icecache-reuse", "icecache-index", "icecache-hostkeys", "quest",
-                                    "arkvale", "exact-topk"])
+@pytest.mark.parametrize("preset", ["icecache", "icecache-reuse", "icecache-index", "icecache-hostkeys",
+                                    "icecache-bounded", "quest", "arkvale", "exact-topk"])
 def test_captured_decode_steps_match_eager_ones(preset):
     """``PolicyLayer.cuda_graphs``: with the index on the GPU and the ``uva`` transfer, every decode step of
     an anchor layer is one CUDA-graph replay (re-captured when a table grows); outputs, selections and the
@@ -143,7 +143,7 @@ def test_captured_decode_steps_match_eager_ones(preset):
     assert graphed[2]["pages_moved"] == pytest.approx(eager[2]["pages_moved"], rel=0.1)
 
 
-@pytest.mark.parametrize("preset", ["icecache", "icecache-reuse", "icecache-hostkeys", "quest"])
+@pytest.mark.parametrize("preset", ["icecache", "icecache-reuse", "icecache-hostkeys", "icecache-bounded", "quest"])
 def test_captured_model_decoding_matches_eager(preset):
     """Whole-model decoding with every policy layer's step captured (anchors, and under ``icecache-reuse`` the
     layers that follow them, reading the anchor's ids from its graph's output) generates what eager decoding

@@ -295,16 +295,19 @@ for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4,
     keys = clustered_keys(B=1, H=2, T=T + 16 * adds, D=32, seed=seed).to(torch.bfloat16)
     q = torch.randn(1, 2 * G, 32, generator=torch.Generator().manual_seed(seed))
     sels = []
-    for fused, host in ((False, False), (True, False), (True, True)):
+    for fused, host, tables in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+        # (auto: keys_on_host takes the masked search)
         idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, search_mode="auto" if host else "masked",
-                           fused_scores=fused, keys_on_host=host)  # auto: keys_on_host takes the masked search
-        idx.build(keys[:, :, :T], page_size=16)
-        assert idx._host_keys == host
+                           fused_scores=fused, keys_on_host=host, tables_on_host=tables)
+        lays = [idx.build(keys[:, :, :T], page_size=16).token_ids]
+        assert idx._host_keys == host and (idx._mirror is not None) == tables
         for i in range(adds):
-            idx.add(keys[:, :, T + 16 * i : T + 16 * (i + 1)])
-        idx.validate()
+            lays.append(idx.add(keys[:, :, T + 16 * i : T + 16 * (i + 1)]).token_ids)
+        idx.validate()  # (tables on the host: the search mirror equals the host tables)
+        if tables:
+            assert all(torch.equal(a, b) for a, b in zip(lays, sels[-1][2])), "host tables changed the pages"
         # a descent, a k that leaves rows short (exhaustive fallback), and k beyond the pages (exhaustive path)
-        sels.append(([idx.search(q, kk).page_ids for kk in (k, 4 * k, 10_000)], idx.nbytes))
+        sels.append(([idx.search(q, kk).page_ids for kk in (k, 4 * k, 10_000)], idx.nbytes, lays))
         if host:  # the host store is read by the masked search only
             try:
                 idx.search(q, k, params=SearchParams(prop_to_retrieve=0.8))
@@ -314,6 +317,16 @@ for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4,
     for other in sels[1:]:
         for a, b in zip(sels[0][0], other[0]):
             assert torch.equal(a, b), (T, seed, a, b)
+# what the search holds besides the key store, at the reference's ratio_1 and D = 128: under 5% of the K/V bytes
+keys = clustered_keys(B=1, H=2, T=20_000, D=128, seed=4).to(torch.bfloat16)
+idx = DCITreeIndex(keys_on_host=True, tables_on_host=True)
+idx.build(keys[:, :, :19_000], page_size=16)
+idx.add(keys[:, :, 19_000:])
+idx.validate()
+searched = [*idx._mirror, *idx._level_keys[1:], *idx._level_par[1:], *idx._level_cell[1:]]
+share = sum(t.nbytes for t in searched) / (2 * keys.nbytes)
+assert share < 0.05, share
+print(f"search tables: {share:.2%} of the K/V bytes")
 print("ok")
 """
 

@@ -37,6 +37,7 @@ def test_partial_attention_kernels_match_the_definition(dtype, n):
 
 
 @pytest.mark.parametrize("policy", ["exact-topk", "quest:uva", "icecache:uva", "icecache-hostkeys@cuda:uva",
+                                    "icecache-bounded@cuda:uva",
                                     "icecache-reuse"])
 def test_streamed_prefill_reproduces_dense_on_cuda(policy):
     """Unlimited budget, pages streamed back from the pinned pool block by block (a small block, so a layer's
@@ -83,7 +84,7 @@ def _peak_after(model, length: int, policy: str, chunk: int) -> tuple[int, int]:
     return peak, index
 
 
-@pytest.mark.parametrize("policy", ["exact-topk:uva", "streaming:uva"])
+@pytest.mark.parametrize("policy", ["exact-topk:uva", "streaming:uva", "icecache-bounded@cuda:uva"])
 def test_gpu_memory_does_not_grow_with_the_context(policy):
     """8k and 32k tokens of a 4-layer model with 8 KV heads of 128, no dense layers: the dense KV would grow by
     384 MiB; the streamed policy's peak grows by its GPU index plus 48 MiB at most (Quest's page minima and maxima,
@@ -105,3 +106,5 @@ def test_gpu_memory_does_not_grow_with_the_context(policy):
     dense_growth = (32768 - 8192) * 4 * 8 * 128 * 2 * 2
     assert large - small <= (idx_large - idx_small) + 48 * 2**20, (small, large, idx_small, idx_large)
     assert large - small < dense_growth / 8
+    if "bounded" in policy:  # the GPU part of the index: under 5% of the KV bytes it indexes
+        assert idx_large <= 0.05 * 32768 * 4 * 8 * 128 * 2 * 2, idx_large

@@ -94,6 +94,8 @@ class TreeBuild:
         self._page_tok = torch.cat(
             [self._page_tok, torch.full((BH, new - cap, S), PAD, dtype=torch.int64, device=dev)], 1)
         self._page_len = torch.cat([self._page_len, torch.zeros((BH, new - cap), dtype=torch.int64, device=dev)], 1)
+        self._page_cell = torch.cat(
+            [self._page_cell, torch.full((BH, new - cap), PAD, dtype=torch.int64, device=dev)], 1)
 
     def _grow_cell_pages(self, n: int) -> None:
         cap = self._cell_pages.shape[2]
@@ -168,6 +170,7 @@ class TreeBuild:
         # on a CPU device the keys are host memory anyway; the host-keys code path runs there only under the
         # Triton interpreter (tests), since it scores pages with the kernel
         self._host_keys = self.keys_on_host and (dev.type == "cuda" or _triton_interpreting())
+        self._host_tables = self.tables_on_host and self._host_keys  # (the build itself runs on the device)
         BH, S = B * H, page_size
         self._B, self._H, self._D, self._S, self._n = B, H, D, S, T
         cap = T + max(256, T // 8)  # headroom for add() before the first (copying) growth
@@ -218,10 +221,13 @@ class TreeBuild:
         # their keys on the search device (the centre scores of the masked search read no key store)
         self._level_keys = [self._c1_keys[:, :0]] + [
             self._c1_keys if lvl == 1 else kf.index_select(1, self._level_tok[lvl]) for lvl in range(1, self._L)]
+        self._level_par = [self._parent[:, :0]] + [self._parent[:, t] for t in self._level_tok[1:]]  # [BH, N_l]
+        self._level_cell = [self._tok_cell[:0]] + [self._tok_cell[t] for t in self._level_tok[1:]]  # [N_l]
         self._tok_page = torch.full((BH, T), PAD, dtype=torch.int64, device=dev)
         self._tok_slot = torch.full((BH, T), PAD, dtype=torch.int64, device=dev)
         self._page_tok = torch.full((BH, 0, S), PAD, dtype=torch.int64, device=dev)
         self._page_len = torch.zeros((BH, 0), dtype=torch.int64, device=dev)
+        self._page_cell = torch.full((BH, 0), PAD, dtype=torch.int64, device=dev)
         self._num_pages = torch.zeros(BH, dtype=torch.int64, device=dev)
         self._cell_pages = torch.full((BH, C, 0), PAD, dtype=torch.int64, device=dev)
         self._cell_npages = torch.zeros((BH, C), dtype=torch.int64, device=dev)
@@ -248,7 +254,9 @@ class TreeBuild:
         # page headroom too: the first add() then writes in place, so tables keep their storage (a captured
         # search graph stays valid; without it every layer re-captured at its first window flush)
         self._grow_pages(P + max(16, P // 8))
-        pids = torch.arange(P, device=dev).expand(BH, P)
+        if self._host_tables:
+            self._offload_tables()
+        pids = torch.arange(P, device=self._dev).expand(BH, P)
         return self._layout(torch.where(pids < self._num_pages[:, None], pids, PAD))
 
     # ---------------------------------------------------------------- leaves
@@ -305,6 +313,7 @@ class TreeBuild:
             self._page_tok[er, g_exist[ev]] = PAD
         self._page_tok[row, pid, slot] = tok
         self._page_len[row, pid] = size
+        self._page_cell[row, pid] = g_cell[grp]
         self._tok_page[row, tok] = pid
         self._tok_slot[row, tok] = slot
 
@@ -411,3 +420,13 @@ class TreeBuild:
             raise ValueError("a page is listed under the wrong cell")
         if not torch.equal(self._subtree[:, 0], self._num_pages):
             raise ValueError("root subtree page count differs from the number of pages")
+        if not torch.equal(torch.where(live, cell_of_page, PAD), self._page_cell):
+            raise ValueError("the page -> cell table disagrees with the pages' tokens")
+        if self._mirror is not None:
+            m = self._mirror
+            for name, host in (("page_tok", self._page_tok), ("page_len", self._page_len),
+                               ("page_cell", self._page_cell), ("num_pages", self._num_pages),
+                               ("subtree", self._subtree)):
+                dev = getattr(m, name)
+                if not torch.equal(dev[:, : host.shape[1]].cpu().long() if dev.dim() > 1 else dev.cpu(), host.cpu()):
+                    raise ValueError(f"the search mirror's {name} disagrees with the host table")

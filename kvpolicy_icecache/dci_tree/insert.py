@@ -53,9 +53,12 @@ class TreeInsert:
         new_tok = torch.arange(t0, t1, device=dev).expand(BH, n)
         rows = torch.arange(BH, device=dev)[:, None].expand(BH, n)
 
-        # parent: the nearest level-1 centre (exact), or the root while the tree has a single level
+        # parent: the nearest level-1 centre (exact; where the centres are, the search device), or the root
+        # while the tree has a single level
         if self._L >= 2:
-            par = self._c1_cell[self._nearest(kf, sq, self._c1_keys, self._c1_sq, M)]
+            sd = self._sdev
+            near = self._nearest(kf.to(sd), sq.to(sd), self._c1_keys, self._c1_sq, M.to(sd))
+            par = self._c1_cell[near].to(dev)
         else:
             par = torch.zeros((BH, n), dtype=torch.int64, device=dev)
         self._parent[:, t0:t1] = par
@@ -119,6 +122,7 @@ class TreeInsert:
         width = int(torch.bincount(r_, minlength=BH).max())
         ids = torch.full((BH, width), PAD, dtype=torch.int64, device=dev)
         ids[r_, _segment_pos(r_)] = p_
+        self._sync_mirror(r_, p_)
         return self._layout(ids)
 
     def _page_members(self, g_row: torch.Tensor, g_pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,7 +165,7 @@ class TreeSearch:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an int >= 0, got {k!r}")
         B, H, D = self._B, self._H, self._D
-        BH, dev = B * H, self._dev
+        BH, dev = B * H, self._sdev
         fov, pr, pv = self._params(params)
         q = queries.detach().to(dev).float().reshape(BH, G, D)
         if self._n == 0 or k == 0:
@@ -192,18 +192,18 @@ class TreeSearch:
 
     def _masked(self, pr: float, pv: float) -> bool:
         return self.search_mode == "masked" or (
-            self.search_mode == "auto" and min(pr, pv) >= 1.0 and (self._dev.type == "cuda" or self.keys_on_host)
+            self.search_mode == "auto" and min(pr, pv) >= 1.0 and (self._sdev.type == "cuda" or self.keys_on_host)
         )
 
     def _tables(self) -> tuple[torch.Tensor, ...]:
         """The tables the masked search reads (``add`` updates them in place until it reallocates one)."""
-        return (self._keys, self._parent, self._tok_page, self._tok_cell, self._page_len, self._subtree,
-                self._num_pages, self._page_tok)
+        per_token = (self._tok_page,) if self._mirror is None else ()  # (the dense, unfused page maxima)
+        return (self._keys, *per_token, *self._search_tables())
 
     def capture_key(self, k: int, params: SearchParams | None = None) -> tuple | None:
         """The masked search on CUDA is capturable (no host sync, fixed shapes); the exhaustive path is not
         offered. The key pins the tables' storage, ``k`` and the field of view (which grows with the context)."""
-        if self._keys is None or self._dev.type != "cuda" or self._n == 0 or k == 0:
+        if self._keys is None or self._sdev.type != "cuda" or self._n == 0 or k == 0:
             return None
         fov, pr, pv = self._params(params)
         if self._L <= 1 or k >= self._min_pages or not self._masked(pr, pv) or min(pr, pv) < 1.0:
@@ -212,7 +212,7 @@ class TreeSearch:
 
     def _short(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         """(row, head) pairs whose descent found fewer than min(k, pages) pages (tiny trees): [BH, G] bool."""
-        return (ids >= 0).sum(-1) < torch.clamp(self._num_pages, max=k)[:, None]
+        return (ids >= 0).sum(-1) < torch.clamp(self._search_tables().num_pages, max=k)[:, None]
 
     @staticmethod
     def _fallback(ids: torch.Tensor, full: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
@@ -322,31 +322,29 @@ class TreeSearch:
 
             def centre_scores(lvl: int) -> torch.Tensor:
                 return dense[:, :, self._level_tok[lvl]]
-        parent = self._parent.clamp(min=0)  # [BH, T*] cell holding each token
-        front = torch.zeros_like(self._subtree, dtype=torch.bool)  # [BH, C] cells whose pages are scanned
+        st = self._search_tables()
+        front = torch.zeros_like(st.subtree, dtype=torch.bool)  # [BH, C] cells whose pages are scanned
         front[:, 0] = True  # the root
         for child in range(self._L - 1, 0, -1):
-            idx = self._level_tok[child]  # [Nc] centres on this level
-            ok = front.gather(1, parent[:, idx])  # [BH, Nc] in a scanned cell
+            ok = front.gather(1, self._level_par[child])  # [BH, Nc] centres of this level in a scanned cell
             s = centre_scores(child).masked_fill(~ok[:, None], _NEG_INF)  # [BH, G, Nc]
-            cells = self._tok_cell[idx].expand(BH, -1)  # [BH, Nc] the cell each centre owns
-            keep, order = self._beam_keep(s, self._subtree.gather(1, cells), k, fov)
+            cells = self._level_cell[child].expand(BH, -1)  # [BH, Nc] the cell each centre owns
+            keep, order = self._beam_keep(s, st.subtree.gather(1, cells), k, fov)
             picked = torch.where(keep, cells[:, None].expand_as(order).gather(-1, order), 0)  # 0: root, already set
             front.scatter_(1, picked.reshape(BH, -1), True)
         # every page lies in one cell, so a page is scanned iff its cell is: one page max serves both rankings
-        P = self._page_len.shape[1]
-        page_cell = parent.gather(1, self._page_tok[:, :, 0].clamp(min=0))  # [BH, P*]
-        seen = front.gather(1, page_cell)  # [BH, P*]
+        P = st.page_len.shape[1]
+        seen = front.gather(1, st.page_cell.clamp(min=0).long()) & (st.page_cell >= 0)  # [BH, P*]
         if fused:
             # only the scanned pages are read, unless the descent finds too few of them (see _short: the
             # exhaustive ranking below then needs every page of that row)
-            live = torch.arange(P, device=seen.device) < self._num_pages[:, None]
-            short = (seen & live).sum(-1) < torch.clamp(self._num_pages, max=k)  # [BH]
+            live = torch.arange(P, device=seen.device) < st.num_pages[:, None]
+            short = (seen & live).sum(-1) < torch.clamp(st.num_pages, max=k)  # [BH]
             ps = self._page_maxima(q, seen | short[:, None])
         else:
             tp = self._tok_page[:, None].expand(BH, G, -1)
             ps = page_max_scores(dense.reshape(1, BH * G, -1), tp.reshape(1, BH * G, -1), P).view(BH, G, P)
-        self._last_scanned = (self._page_len * seen).sum(-1)
+        self._last_scanned = (st.page_len * seen).sum(-1)
         return topk_ids(ps.masked_fill(~seen[:, None], _NEG_INF), k)[0], topk_ids(ps, k)[0]
 
     def _exact_ranking(self, q: torch.Tensor, k: int) -> torch.Tensor:
@@ -361,7 +359,7 @@ class TreeSearch:
         q [BH, G, D] float32, load [BH, P*] bool (pages to read; None: all) -> [BH, G, P*]."""
         from kvpolicy_kernels.page_scores import token_page_scores
 
-        return token_page_scores(q.contiguous(), self._keys[:, None], self._page_tok[:, None],
+        return token_page_scores(q.contiguous(), self._keys[:, None], self._search_tables().page_tok[:, None],
                                  None if load is None else load[:, None])
 
     def _rank_pages(self, s: torch.Tensor, k: int) -> torch.Tensor:
