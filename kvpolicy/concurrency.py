@@ -12,18 +12,42 @@ host/device copies from pageable memory while a capture is under way, and such a
 invalidate the capture. So a job holds ``capture_lock`` while it runs, and a capture holds it while capturing:
 captures are rare (once per table reallocation), so the decode path almost never waits on it. Re-entrant: a
 job may itself capture (a selector that searches in ``prepare``).
+
+``graph_capture(graph)``: every capture of the library goes through it. Besides ``capture_lock`` it keeps
+Python's cyclic garbage collector off while the capture runs: a collection there may free an old CUDA graph
+(a released cache's, or a re-captured step's), and destroying a graph frees its memory pool, which CUDA refuses
+on a capturing thread ("operation not permitted when stream is capturing"), invalidating the capture.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 
-__all__ = ["JobQueue", "capture_lock"]
+__all__ = ["JobQueue", "capture_lock", "graph_capture"]
 
 capture_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def graph_capture(graph, **kwargs) -> Iterator[None]:
+    """``torch.cuda.graph(graph, capture_error_mode="thread_local", **kwargs)`` under ``capture_lock``, with the
+    cyclic garbage collector off until the capture ends (module docstring)."""
+    import torch
+
+    was_enabled = gc.isenabled()
+    with capture_lock:
+        gc.disable()  # (torch.cuda.graph still runs its explicit gc.collect() before the capture begins)
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local", **kwargs):
+                yield
+        finally:
+            if was_enabled:
+                gc.enable()
 
 
 class JobQueue(Executor):

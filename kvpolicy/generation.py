@@ -63,7 +63,8 @@ class GenerationResult:
             f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens in {self.seconds:.2f} s "
             f"({self.new_tokens / max(self.seconds, 1e-9):.1f} tok/s) | budget {self.budget} | "
             f"KV on device {mib(m.get('device_kv', 0))}, KV on CPU {mib(m.get('cpu_kv', 0))}, "
-            f"index {mib(m.get('index', 0))} ({mib(m.get('index_on_device', 0))} of it on the device)"
+            f"index {mib(m.get('index', 0))} ({mib(m.get('index_on_device', 0))} of it on the device), "
+            f"selector state {mib(m.get('selector', 0))} ({mib(m.get('selector_on_device', 0))} on the device)"
             + self._covered_note()
         )
 

@@ -25,7 +25,7 @@ import torch
 
 from kvpolicy.chunk_attention import partial_attention
 from kvpolicy.errors import UnsupportedModelError
-from kvpolicy.layer import DecodeCursor, PolicyLayer
+from kvpolicy.layer import MEMORY_KEYS, DecodeCursor, PolicyLayer
 from kvpolicy.policy import Policy
 from kvpolicy.prefetch import NextQueryEstimator, check_prefetch_mode
 from kvpolicy.reference.mirror_index import MirrorIndex
@@ -468,9 +468,9 @@ class KVPolicyCache(_get_dynamic_cache()):
         return cache
 
     def memory(self) -> dict[str, int]:
-        """Bytes of KV on the compute device, KV in CPU memory, index metadata and the part of it on the compute
-        device, over all layers."""
-        tot = {"device_kv": 0, "cpu_kv": 0, "index": 0, "index_on_device": 0}
+        """``PolicyLayer.memory()`` summed over the layers (``kvpolicy.layer.MEMORY_KEYS``), dense layers' KV
+        included."""
+        tot = dict.fromkeys(MEMORY_KEYS, 0)
         for layer in self.layers:
             if isinstance(layer, PolicyCacheLayer):
                 for k, v in layer.state.memory().items():

@@ -24,6 +24,28 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Index", "PageAllocator", "Part", "Selector", "Transfer"]
 
 
+def _state_tensors(obj: object) -> list[torch.Tensor]:
+    """Tensors among ``obj``'s attributes, in lists/tuples/dicts there, and one object level down; one per storage."""
+    found: dict[tuple, torch.Tensor] = {}
+
+    def visit(v: object, depth: int) -> None:
+        if isinstance(v, torch.Tensor):
+            found.setdefault((v.device, v.untyped_storage().data_ptr()), v)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x, depth)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x, depth)
+        elif depth > 0 and hasattr(v, "__dict__") and not isinstance(v, type) and not callable(v):
+            for x in vars(v).values():
+                visit(x, depth - 1)
+
+    for v in vars(obj).values():
+        visit(v, 1)
+    return list(found.values())
+
+
 class Part(ABC):
     """Common base: a registered name, a kind, and the largest batch the part handles (None = any)."""
 
@@ -143,6 +165,18 @@ class Selector(Part):
 
     def reset(self) -> None:  # noqa: B027
         """Default: stateless."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the state the selector keeps (page digests, codebooks, hash planes, scores): by default every
+        tensor among its attributes and their attributes' (one level down, e.g. a digest object), each storage
+        counted once. Override if the state lives elsewhere."""
+        return sum(t.untyped_storage().nbytes() for t in _state_tensors(self))
+
+    @property
+    def device_nbytes(self) -> int:
+        """The part of ``nbytes`` held in accelerator memory (counted in the GPU totals of ``memory()``)."""
+        return sum(t.untyped_storage().nbytes() for t in _state_tensors(self) if t.device.type != "cpu")
 
     def reads_every_page(self, layer: int) -> bool:
         """Whether ``layer`` attends to every page (its budget is unlimited). Default: no layer."""

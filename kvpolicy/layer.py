@@ -33,13 +33,16 @@ from dataclasses import dataclass
 import torch
 
 from kvpolicy.attention import decode_attention
-from kvpolicy.concurrency import capture_lock
+from kvpolicy.concurrency import capture_lock, graph_capture
 from kvpolicy.ops import check_tensor, storage_key
 from kvpolicy.policy import Policy
 from kvpolicy.pool import PagePool
 from kvpolicy.types import PAD, SelectContext, Selection
 
-__all__ = ["GRAPHS_ENV", "DecodeCursor", "LayerStats", "PolicyLayer"]
+__all__ = ["GRAPHS_ENV", "MEMORY_KEYS", "DecodeCursor", "LayerStats", "PolicyLayer"]
+
+# the keys of ``PolicyLayer.memory()`` (and ``KVPolicyCache.memory()``), bytes each
+MEMORY_KEYS = ("device_kv", "cpu_kv", "index", "index_on_device", "selector", "selector_on_device")
 
 GRAPHS_ENV = "KVPOLICY_DECODE_GRAPHS"  # "1": capture each layer's decode step in a CUDA graph where possible
 
@@ -627,7 +630,7 @@ class PolicyLayer:
         torch.cuda.current_stream(dev).wait_stream(side)
         st.pages_selected.copy_(selected)
         graph = torch.cuda.CUDAGraph()
-        with capture_lock, torch.cuda.graph(graph, capture_error_mode="thread_local"):  # no job meanwhile
+        with graph_capture(graph):  # no job meanwhile
             out, sel = self._device_step(q_buf, ctx, scaling, softcap)
         self._graph = (key, graph, q_buf, out, sel)
 
@@ -686,13 +689,16 @@ class PolicyLayer:
 
     # ------------------------------------------------------------------ accounting
     def memory(self) -> dict[str, int]:
-        """Bytes: KV on the compute device (sink, window, slots), KV in CPU pages, index metadata, and how much
-        of that index lives on the compute device (an index searching there may hold keys of its own)."""
+        """Bytes (``MEMORY_KEYS``): KV on the compute device (sink, window, slots), KV in CPU pages, index
+        metadata and how much of it lives on the compute device (an index searching there may hold keys of its
+        own), the selector's state (page digests, codebooks) and how much of it lives there."""
         if not self.prefilled:
-            return {"device_kv": 0, "cpu_kv": 0, "index": 0, "index_on_device": 0}
+            return dict.fromkeys(MEMORY_KEYS, 0)
         self.wait_ready()
         dev = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v)) + self.gpu_pool.kv_nbytes
         idx = self.index.nbytes
         on_dev = self.device.type != "cpu" and torch.device(self.index.device).type == self.device.type
         return {"device_kv": dev, "cpu_kv": self.cpu_pool.kv_nbytes, "index": idx,
-                "index_on_device": self.index.device_nbytes if on_dev else 0}
+                "index_on_device": self.index.device_nbytes if on_dev else 0,
+                "selector": self.selector.nbytes,
+                "selector_on_device": self.selector.device_nbytes if self.device.type != "cpu" else 0}

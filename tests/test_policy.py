@@ -126,9 +126,28 @@ def test_layer_memory_says_where_the_index_lives():
     from kvpolicy.layer import PolicyLayer
 
     layer = PolicyLayer(Policy.preset("icecache", budget=128), 3)
-    assert layer.memory() == {"device_kv": 0, "cpu_kv": 0, "index": 0, "index_on_device": 0}
+    assert layer.memory() == {"device_kv": 0, "cpu_kv": 0, "index": 0, "index_on_device": 0, "selector": 0,
+                              "selector_on_device": 0}
     keys = torch.randn(1, 2, 600, 32)
     layer.prefill(keys, torch.randn_like(keys))
     mem = layer.memory()
     assert mem["index"] > 0 and mem["index_on_device"] == 0  # CPU compute device: nothing counts as "on device"
     assert mem["cpu_kv"] > mem["device_kv"] > 0
+
+
+def test_layer_memory_counts_the_selectors_state():
+    """Quest's page digests (bounds, centroid, radius of every page) are counted as selector bytes, once per
+    storage; a stateless selector counts nothing."""
+    from kvpolicy.layer import PolicyLayer
+
+    keys = torch.randn(1, 2, 600, 32)
+    mems = {}
+    for preset in ("quest", "streaming"):
+        layer = PolicyLayer(Policy.preset(preset, budget=128), 3)
+        layer.prefill(keys, torch.randn_like(keys))
+        mems[preset] = (layer.memory(), layer.selector)
+    mem, sel = mems["quest"]
+    d = sel.digests
+    assert mem["selector"] == sum(t.nbytes for t in (d.lo, d.hi, d.centre, d.radius, d.num_pages)) > 600 * 2 * 32 * 4 / 16
+    assert mem["selector_on_device"] == 0  # CPU compute device
+    assert mems["streaming"][0]["selector"] == 0

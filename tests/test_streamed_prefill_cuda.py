@@ -77,7 +77,8 @@ def _peak_after(model, length: int, policy: str, chunk: int) -> tuple[int, int]:
         for _ in range(8):
             step()
     peak = torch.cuda.max_memory_allocated()
-    index = cache.memory()["index_on_device"]
+    mem = cache.memory()
+    index = mem["index_on_device"] + mem["selector_on_device"]  # what the policy keeps on the GPU beside the KV
     model.set_attn_implementation("sdpa")
     for i in cache.policy_layers:
         cache.layers[i].state.reset()

@@ -106,9 +106,10 @@ def _device_bytes(cache) -> dict[str, int]:
 
     if isinstance(cache, KVPolicyCache):
         m = cache.memory()
-        return {"device_kv_bytes": m["device_kv"], "index_device_bytes": m["index_on_device"]}
+        return {"device_kv_bytes": m["device_kv"], "index_device_bytes": m["index_on_device"],
+                "selector_device_bytes": m["selector_on_device"]}
     kv = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers if getattr(x, "keys", None) is not None)
-    return {"device_kv_bytes": kv, "index_device_bytes": 0}
+    return {"device_kv_bytes": kv, "index_device_bytes": 0, "selector_device_bytes": 0}
 
 
 def _error(e: BaseException) -> str:
@@ -238,14 +239,16 @@ def print_capacity(rows: list[dict]) -> None:
 
     gib = lambda n: "" if n is None else f"{n / 2**30:.1f}"  # noqa: E731
     t = Table(title="bench capacity (GiB; ms per token: median / mean)")
-    for c in ("variant", "length", "GPU peak", "over weights", "GPU KV", "GPU index", "host pool", "host index",
+    for c in ("variant", "length", "GPU peak", "over weights", "GPU KV", "GPU index", "GPU selector", "host pool",
+              "host index",
               "ttft s", "ms/token", "max context", "error"):
         t.add_column(c)
     for r in rows:
         ok = not r.get("error")
         t.add_row(r["variant"], str(r["length"]), gib(r.get("device_peak_bytes")),
                   gib(r.get("device_peak_over_weights_bytes")), gib(r.get("device_kv_bytes")),
-                  gib(r.get("index_device_bytes")), gib(r.get("host_pool_bytes")), gib(r.get("host_index_bytes")),
+                  gib(r.get("index_device_bytes")), gib(r.get("selector_device_bytes")), gib(r.get("host_pool_bytes")),
+                  gib(r.get("host_index_bytes")),
                   f"{r['ttft_s']:.1f}" if ok and r.get("ttft_s") is not None else "",
                   f"{r['tpot_ms']:.1f} / {r['tpot_mean_ms']:.1f}" if ok else "", str(r.get("max_context")),
                   (r.get("error") or "")[:60])

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from kvpolicy.cache_arg import cache_kwargs
+from kvpolicy.concurrency import graph_capture
 from kvpolicy.prefetch import PREFETCH_SUFFIXES, split_prefetch
 
 __all__ = ["CONFIGS", "DecodeBenchConfig", "bench_decode", "load_bench_model", "plot_decode", "print_table", "write_json"]
@@ -149,8 +150,10 @@ def _kv_bytes(cache) -> dict[str, int]:
 
     if isinstance(cache, KVPolicyCache):
         return cache.memory()
+    from kvpolicy.layer import MEMORY_KEYS
+
     dev = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers if getattr(x, "keys", None) is not None)
-    return {"device_kv": dev, "cpu_kv": 0, "index": 0, "index_on_device": 0}
+    return {**dict.fromkeys(MEMORY_KEYS, 0), "device_kv": dev}
 
 
 def _timing_row(ttft: float, ttst: float, times: list[float], tokens: list[torch.Tensor]) -> dict[str, Any]:
@@ -238,7 +241,7 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
     mem = _kv_bytes(cache)
     tot = mem["device_kv"] + mem["cpu_kv"]
     row.update({"device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"], "index_bytes": mem["index"],
-                "index_device_bytes": mem["index_on_device"],
+                "index_device_bytes": mem["index_on_device"], "selector_device_bytes": mem["selector_on_device"],
                 "device_kv_fraction": mem["device_kv"] / tot if tot else None})
     return row
 
@@ -274,7 +277,7 @@ def _run_dense_static(model, ids: torch.Tensor, cfg: DecodeBenchConfig, capture:
             forward()
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with graph_capture(graph):
             nxt = forward()
 
         def run() -> torch.Tensor:
@@ -297,7 +300,7 @@ def _run_dense_static(model, ids: torch.Tensor, cfg: DecodeBenchConfig, capture:
     first = step()
     times = [step() for _ in range(cfg.steps)]
     kv = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers if getattr(x, "keys", None) is not None)
-    return {**_timing_row(ttft, ttft + setup + first, times, tokens), "device_kv_bytes": kv, "cpu_kv_bytes": 0, "index_bytes": 0, "index_device_bytes": 0,
+    return {**_timing_row(ttft, ttft + setup + first, times, tokens), "device_kv_bytes": kv, "cpu_kv_bytes": 0, "index_bytes": 0, "index_device_bytes": 0, "selector_device_bytes": 0,
             "device_kv_fraction": 1.0}
 
 

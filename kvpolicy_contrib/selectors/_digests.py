@@ -100,11 +100,6 @@ class DigestSelector(Selector):
     def update(self, keys: torch.Tensor, layout: PageLayout, ctx: SelectContext) -> None:
         self.digests.write(layout, ctx, keys.device)
 
-    @property
-    def nbytes(self) -> int:
-        """Digest bytes (bounds, centroid and radius of every page)."""
-        return self.digests.nbytes
-
     def score(self, q: torch.Tensor, d: PageDigests, P: int) -> torch.Tensor:
         """q: [B, Hkv, G, D] float32 -> [B, Hkv, G, P] page scores (higher = more important)."""
         raise NotImplementedError

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpolicy.concurrency import capture_lock
+from kvpolicy.concurrency import graph_capture
 from kvpolicy.ops import check_tensor, gqa_merge, page_max_scores, storage_key, topk_ids, triton_available
 from kvpolicy.types import PAD, SearchParams, Selection
 from kvpolicy_icecache.dci_tree.tensors import _NEG_INF, _compact, _segment_pos, _unique_rows
@@ -240,7 +240,7 @@ class TreeSearch:
                 self._masked_merged(sq, k, sf)  # warm-up outside the graph
             torch.cuda.current_stream(q.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with capture_lock, torch.cuda.graph(graph, capture_error_mode="thread_local"):  # no job meanwhile
+            with graph_capture(graph):  # no job meanwhile
                 out = self._masked_merged(sq, k, sf)
             self._graph = (key, graph, sq, sf, out)
         _, graph, sq, sf, out = self._graph
