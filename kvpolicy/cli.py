@@ -118,7 +118,14 @@ def _load(args):
     from kvpolicy.models import load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(args.model, dtype=args.dtype, device=device)
+    return load(args.model, dtype=args.dtype, device=device, tp=_world(args).size)
+
+
+def _world(args):
+    """The tensor-parallel world of a command that takes ``--tp`` (set up in ``main``), else one process."""
+    from kvpolicy.distributed import World
+
+    return getattr(args, "world", None) or World()
 
 
 def cmd_generate(args) -> int:
@@ -134,9 +141,10 @@ def cmd_generate(args) -> int:
     model, tok = _load(args)
     res = generate(model, tok, prompt, policy=args.policy, budget=args.budget,
                    max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                   prefill_chunk=args.prefill_chunk, progress=True, allow_overflow=args.allow_overflow)
+                   prefill_chunk=args.prefill_chunk, progress=_world(args).is_main, allow_overflow=args.allow_overflow)
     print(res.text[0])
-    print(res.summary(), file=sys.stderr)
+    if _world(args).is_main:
+        print(res.summary(), file=sys.stderr)
     return 0
 
 
@@ -186,6 +194,9 @@ def cmd_eval(args) -> int:
 
     policies = args.policy
     eval_jobs(policies, args.budget)  # unknown presets and bad budgets fail before the model loads
+    world = _world(args)
+    if args.fidelity and world.size > 1:
+        raise ValueError("--fidelity measures every head on one process; it does not run with --tp (yet)")
     err = Console(stderr=True)
     source = None
     tasks: list[str] = []
@@ -206,10 +217,14 @@ def cmd_eval(args) -> int:
 
         source = [make_file_sample(r, tok) for r in records]
     failed: list[dict] = []
-    rows = run_eval(model, tok, model_name=args.model_name or args.model, policies=policies, budgets=args.budget,
-                    tasks=tasks, lengths=lengths, samples=args.samples, out=args.out, seed=args.seed,
-                    samples_source=source, fidelity=args.fidelity, prefill_chunk=args.prefill_chunk, failed=failed,
-                    allow_overflow=args.allow_overflow)
+    from kvpolicy.distributed import rank_local_path
+
+    with rank_local_path(args.out, world) as out:  # only rank 0 writes --out
+        rows = run_eval(model, tok, model_name=args.model_name or args.model, policies=policies,
+                        budgets=args.budget, tasks=tasks, lengths=lengths, samples=args.samples, out=out,
+                        seed=args.seed, samples_source=source, fidelity=args.fidelity,
+                        prefill_chunk=args.prefill_chunk, failed=failed, allow_overflow=args.allow_overflow,
+                        progress=world.is_main)
     Console().print(markdown_report(read_rows(args.out)))
     if failed:
         print(f"kvpolicy eval: error: {len(failed)} of {len(failed) + len(rows)} cells failed (rows with 'error' "
@@ -380,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
         s.add_argument("--device", default=None, help="cuda if available, else cpu")
 
+    def tp_arg(s):
+        s.add_argument("--tp", type=int, default=None, metavar="N",
+                       help="tensor-parallel ranks, one per GPU (CPU: gloo): launch with `torchrun --nproc-per-node N "
+                            "-m kvpolicy ...` (default: as many as torchrun started; 1 without torchrun)")
+
     s = sub.add_parser("generate", help="generate text under a policy")
     model_args(s)
     s.add_argument("--policy", default="full", help="preset name or YAML file")
@@ -392,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=_chunk, default="auto",
                    help="tokens per forward of the streamed prompt, or 'none' for one forward (default: 8192 where "
                         "the policy can stream)")
+    tp_arg(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("demo", help="passkey retrieval per policy and budget on a real model (the main job)")
@@ -428,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure attention fidelity per layer/head and perplexity on the essays, per length")
     s.add_argument("--prefill-chunk", type=_fixed_chunk, default=None,
                    help="stream the shared dense prefill, this many tokens per forward (exact; default: one forward)")
+    tp_arg(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("report", help="markdown tables and PNG plots from eval results")
@@ -507,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_AT_LEAST = {"samples": 1, "max_new_tokens": 1, "steps": 1, "breakdown_steps": 0, "queries": 1, "page_size": 1,
+_AT_LEAST = {"tp": 1, "samples": 1, "max_new_tokens": 1, "steps": 1, "breakdown_steps": 0, "queries": 1, "page_size": 1,
              "length": 1, "budget": 1, "prefill_chunk": 1}
 _READ_FILES = ("prompt_file", "task_file")
 _WRITE_FILES = ("out", "json", "markdown")
@@ -549,15 +571,38 @@ def _check_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A command with ``--tp`` under torchrun joins the process group first; then only rank 0
+    prints and writes files, and an error on any rank ends that rank with its message (tagged with the rank)
+    and a non-zero exit, upon which torchrun stops the other ranks. A check that every rank runs together fails
+    on every rank alike (``RankError``) and is printed once, by rank 0."""
     args = build_parser().parse_args(argv)
     from kvpolicy.errors import PluginError
 
+    world = None
     try:
         _check_args(args)
-        return args.fn(args)
+        if not hasattr(args, "tp"):
+            return args.fn(args)
+        from kvpolicy.distributed import init_tensor_parallel, main_rank_output
+
+        world = args.world = init_tensor_parallel(args.tp)
+        with main_rank_output(world):
+            return args.fn(args)
     except (ValueError, TypeError, ImportError, OSError, NotImplementedError, PluginError) as e:
-        print(f"kvpolicy {args.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        from kvpolicy.distributed import RankError
+        from kvpolicy.distributed import world as env_world
+
+        w = world or (env_world() if hasattr(args, "tp") else None)
+        shared = isinstance(e, RankError)  # the same on every rank: rank 0 prints it
+        if not (shared and w is not None and not w.is_main):
+            where = w.tag() if w is not None and not shared else ""
+            print(f"kvpolicy {args.cmd}: error{where}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    finally:
+        if world is not None:
+            from kvpolicy.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":
