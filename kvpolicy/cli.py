@@ -318,18 +318,25 @@ def _run_bench(args, model, model_name: str, device: str, cfg, run, show, plot) 
     from kvpolicy.bench.decode import write_json
     from kvpolicy.eval.ablate import _git_sha
 
+    world = _world(args)
     meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
             else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg),
-            "weights_bytes": sum(p.nbytes for p in model.parameters())}
-    save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None
-    rows = run(model, cfg, model_name=model_name, on_row=save)
+            "weights_bytes": sum(_local(p).nbytes for p in model.parameters()), "tp": world.size}
+    main = world.is_main  # only rank 0 writes files
+    save = (lambda rows: write_json(rows, args.json, meta)) if args.json and main else None
+    rows = run(model, cfg, model_name=model_name, on_row=save, progress=main)
     show(rows)
-    if args.json:
+    if args.json and main:
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and main:
         print(f"wrote {plot(rows, args.plot)}")
     return 0
+
+
+def _local(t):
+    """A parameter's shard on this rank (the tensor itself when not sharded)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 OVERFLOW_HELP = "run even when prompt + new tokens exceed the model's maximum position (default: an error)"
@@ -359,7 +366,10 @@ def cmd_bench_decode(args) -> int:
     for name in args.policy:
         Policy.resolve_placed(split_variant(name).spec, budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
+    world = _world(args)
+    model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16", tp=world.size)
+    if world.size > 1:
+        device = str(model.device)
     from kvpolicy.context_length import check_context_length
 
     for L in lengths:
@@ -505,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream every variant's prompt, this many tokens per forward (default: one forward)")
     s.add_argument("--json", default=None, help="write {meta, rows} JSON here")
     s.add_argument("--plot", default=None, help="write the time-per-token plot (PNG) here")
+    tp_arg(s)
     s.set_defaults(fn=cmd_bench_decode)
 
     s = bench.add_parser("capacity", help="double each variant's context until it fails: GPU and host memory, "

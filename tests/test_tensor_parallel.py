@@ -78,6 +78,13 @@ def test_cli_tp_without_torchrun(capsys, monkeypatch):
     assert "--tp must be at least 1" in capsys.readouterr().err
 
 
+def test_bench_decode_tp_needs_a_checkpoint():
+    from kvpolicy.bench.decode import load_bench_model
+
+    with pytest.raises(ValueError, match="--tp shards a checkpoint as it loads: give --model"):
+        load_bench_model(None, "tiny-llama", "cpu", tp=2)
+
+
 # ------------------------------------------------------------------------------------------ two processes
 
 
