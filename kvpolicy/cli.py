@@ -118,7 +118,14 @@ def _load(args):
     from kvpolicy.models import load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(args.model, dtype=args.dtype, device=device)
+    return load(args.model, dtype=args.dtype, device=device, tp=_world(args).size)
+
+
+def _world(args):
+    """The tensor-parallel world of a command that takes ``--tp`` (set up in ``main``), else one process."""
+    from kvpolicy.distributed import World
+
+    return getattr(args, "world", None) or World()
 
 
 def cmd_generate(args) -> int:
@@ -134,9 +141,10 @@ def cmd_generate(args) -> int:
     model, tok = _load(args)
     res = generate(model, tok, prompt, policy=args.policy, budget=args.budget,
                    max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                   prefill_chunk=args.prefill_chunk, progress=True, allow_overflow=args.allow_overflow)
+                   prefill_chunk=args.prefill_chunk, progress=_world(args).is_main, allow_overflow=args.allow_overflow)
     print(res.text[0])
-    print(res.summary(), file=sys.stderr)
+    if _world(args).is_main:
+        print(res.summary(), file=sys.stderr)
     return 0
 
 
@@ -186,6 +194,9 @@ def cmd_eval(args) -> int:
 
     policies = args.policy
     eval_jobs(policies, args.budget)  # unknown presets and bad budgets fail before the model loads
+    world = _world(args)
+    if args.fidelity and world.size > 1:
+        raise ValueError("--fidelity measures every head on one process; it does not run with --tp (yet)")
     err = Console(stderr=True)
     source = None
     tasks: list[str] = []
@@ -206,10 +217,14 @@ def cmd_eval(args) -> int:
 
         source = [make_file_sample(r, tok) for r in records]
     failed: list[dict] = []
-    rows = run_eval(model, tok, model_name=args.model_name or args.model, policies=policies, budgets=args.budget,
-                    tasks=tasks, lengths=lengths, samples=args.samples, out=args.out, seed=args.seed,
-                    samples_source=source, fidelity=args.fidelity, prefill_chunk=args.prefill_chunk, failed=failed,
-                    allow_overflow=args.allow_overflow)
+    from kvpolicy.distributed import rank_local_path
+
+    with rank_local_path(args.out, world) as out:  # only rank 0 writes --out
+        rows = run_eval(model, tok, model_name=args.model_name or args.model, policies=policies,
+                        budgets=args.budget, tasks=tasks, lengths=lengths, samples=args.samples, out=out,
+                        seed=args.seed, samples_source=source, fidelity=args.fidelity,
+                        prefill_chunk=args.prefill_chunk, failed=failed, allow_overflow=args.allow_overflow,
+                        progress=world.is_main)
     Console().print(markdown_report(read_rows(args.out)))
     if failed:
         print(f"kvpolicy eval: error: {len(failed)} of {len(failed) + len(rows)} cells failed (rows with 'error' "
@@ -303,18 +318,25 @@ def _run_bench(args, model, model_name: str, device: str, cfg, run, show, plot) 
     from kvpolicy.bench.decode import write_json
     from kvpolicy.eval.ablate import _git_sha
 
+    world = _world(args)
     meta = {"model": model_name, "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda")
             else platform.processor(), "torch": torch.__version__, "git_sha": _git_sha(), "config": vars(cfg),
-            "weights_bytes": sum(p.nbytes for p in model.parameters())}
-    save = (lambda rows: write_json(rows, args.json, meta)) if args.json else None
-    rows = run(model, cfg, model_name=model_name, on_row=save)
+            "weights_bytes": sum(_local(p).nbytes for p in model.parameters()), "tp": world.size}
+    main = world.is_main  # only rank 0 writes files
+    save = (lambda rows: write_json(rows, args.json, meta)) if args.json and main else None
+    rows = run(model, cfg, model_name=model_name, on_row=save, progress=main)
     show(rows)
-    if args.json:
+    if args.json and main:
         write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and main:
         print(f"wrote {plot(rows, args.plot)}")
     return 0
+
+
+def _local(t):
+    """A parameter's shard on this rank (the tensor itself when not sharded)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 OVERFLOW_HELP = "run even when prompt + new tokens exceed the model's maximum position (default: an error)"
@@ -344,7 +366,10 @@ def cmd_bench_decode(args) -> int:
     for name in args.policy:
         Policy.resolve_placed(split_variant(name).spec, budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16")
+    world = _world(args)
+    model, model_name = load_bench_model(args.model, args.config, device, args.dtype or "bfloat16", tp=world.size)
+    if world.size > 1:
+        device = str(model.device)
     from kvpolicy.context_length import check_context_length
 
     for L in lengths:
@@ -380,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
         s.add_argument("--device", default=None, help="cuda if available, else cpu")
 
+    def tp_arg(s):
+        s.add_argument("--tp", type=int, default=None, metavar="N",
+                       help="tensor-parallel ranks, one per GPU (CPU: gloo): launch with `torchrun --nproc-per-node N "
+                            "-m kvpolicy ...` (default: as many as torchrun started; 1 without torchrun)")
+
     s = sub.add_parser("generate", help="generate text under a policy")
     model_args(s)
     s.add_argument("--policy", default="full", help="preset name or YAML file")
@@ -392,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=_chunk, default="auto",
                    help="tokens per forward of the streamed prompt, or 'none' for one forward (default: 8192 where "
                         "the policy can stream)")
+    tp_arg(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("demo", help="passkey retrieval per policy and budget on a real model (the main job)")
@@ -428,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure attention fidelity per layer/head and perplexity on the essays, per length")
     s.add_argument("--prefill-chunk", type=_fixed_chunk, default=None,
                    help="stream the shared dense prefill, this many tokens per forward (exact; default: one forward)")
+    tp_arg(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("report", help="markdown tables and PNG plots from eval results")
@@ -483,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream every variant's prompt, this many tokens per forward (default: one forward)")
     s.add_argument("--json", default=None, help="write {meta, rows} JSON here")
     s.add_argument("--plot", default=None, help="write the time-per-token plot (PNG) here")
+    tp_arg(s)
     s.set_defaults(fn=cmd_bench_decode)
 
     s = bench.add_parser("capacity", help="double each variant's context until it fails: GPU and host memory, "
@@ -507,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_AT_LEAST = {"samples": 1, "max_new_tokens": 1, "steps": 1, "breakdown_steps": 0, "queries": 1, "page_size": 1,
+_AT_LEAST = {"tp": 1, "samples": 1, "max_new_tokens": 1, "steps": 1, "breakdown_steps": 0, "queries": 1, "page_size": 1,
              "length": 1, "budget": 1, "prefill_chunk": 1}
 _READ_FILES = ("prompt_file", "task_file")
 _WRITE_FILES = ("out", "json", "markdown")
@@ -549,15 +582,38 @@ def _check_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A command with ``--tp`` under torchrun joins the process group first; then only rank 0
+    prints and writes files, and an error on any rank ends that rank with its message (tagged with the rank)
+    and a non-zero exit, upon which torchrun stops the other ranks. A check that every rank runs together fails
+    on every rank alike (``RankError``) and is printed once, by rank 0."""
     args = build_parser().parse_args(argv)
     from kvpolicy.errors import PluginError
 
+    world = None
     try:
         _check_args(args)
-        return args.fn(args)
+        if not hasattr(args, "tp"):
+            return args.fn(args)
+        from kvpolicy.distributed import init_tensor_parallel, main_rank_output
+
+        world = args.world = init_tensor_parallel(args.tp)
+        with main_rank_output(world):
+            return args.fn(args)
     except (ValueError, TypeError, ImportError, OSError, NotImplementedError, PluginError) as e:
-        print(f"kvpolicy {args.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        from kvpolicy.distributed import RankError
+        from kvpolicy.distributed import world as env_world
+
+        w = world or (env_world() if hasattr(args, "tp") else None)
+        shared = isinstance(e, RankError)  # the same on every rank: rank 0 prints it
+        if not (shared and w is not None and not w.is_main):
+            where = w.tag() if w is not None and not shared else ""
+            print(f"kvpolicy {args.cmd}: error{where}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    finally:
+        if world is not None:
+            from kvpolicy.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

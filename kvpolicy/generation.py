@@ -10,6 +10,7 @@ import torch
 
 from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.context_length import check_context_length
+from kvpolicy.distributed import sum_over_ranks
 from kvpolicy.hf import KVPolicyCache, check_model_supported, policy_attention
 from kvpolicy.policy import Policy
 
@@ -53,8 +54,9 @@ class GenerationResult:
     seconds: float
     policy: dict[str, Any]
     budget: str
-    memory: dict[str, int] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes, summed over the ranks under tensor parallelism
+    stats: dict[str, float] = field(default_factory=dict)  # counters and times, summed likewise (steps once)
+    memory_per_rank: list[dict[str, int]] = field(default_factory=list)  # one entry per rank (one without TP)
 
     def summary(self) -> str:
         mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
@@ -65,8 +67,14 @@ class GenerationResult:
             f"KV on device {mib(m.get('device_kv', 0))}, KV on CPU {mib(m.get('cpu_kv', 0))}, "
             f"index {mib(m.get('index', 0))} ({mib(m.get('index_on_device', 0))} of it on the device), "
             f"selector state {mib(m.get('selector', 0))} ({mib(m.get('selector_on_device', 0))} on the device)"
-            + self._covered_note()
+            + self._covered_note() + self._ranks_note()
         )
+
+    def _ranks_note(self) -> str:
+        if len(self.memory_per_rank) <= 1:
+            return ""
+        per = ", ".join(f"{m.get('device_kv', 0) / 2**20:.1f}" for m in self.memory_per_rank)
+        return f" | summed over {len(self.memory_per_rank)} tensor-parallel ranks (KV on device per rank: {per} MiB)"
 
     def _covered_note(self) -> str:
         covered, steps = int(self.stats.get("covered_steps", 0)), int(self.stats.get("steps", 0))
@@ -139,6 +147,10 @@ def generate(
     ``prefetch`` and ``prefill_chunk`` (the prompt streams in, ``prefill_chunk`` tokens per forward): see
     ``KVPolicyCache``. ``progress`` shows a bar over the prompt's chunks and one over the layers' index builds. A prompt plus ``max_new_tokens`` beyond
     the model's maximum position is a ``ContextLengthError`` unless ``allow_overflow``.
+
+    Under torchrun with a model sharded by transformers' tensor-parallel plan, call it on every rank with the same
+    arguments: each rank's cache holds its own KV heads, every rank returns the same tokens, and ``memory`` and
+    ``stats`` are summed over the ranks (``memory_per_rank`` keeps each rank's share).
     """
     check_model_supported(model.config)
     pol = Policy.resolve(policy, budget=budget)  # validated before anything runs
@@ -169,7 +181,10 @@ def _generate(model, tok, inputs, pol, prompt_len, *, max_new_tokens, validate, 
     seconds = time.perf_counter() - t0
     new = out[:, prompt_len:]
     text = [tok.decode(row, skip_special_tokens=True) for row in new] if tok is not None else None
+    memory, per_rank = sum_over_ranks(cache.memory(), model)  # a collective on a tensor-parallel model
+    stats, _ = sum_over_ranks(cache.stats(), model, once=("steps",))
     return GenerationResult(
         token_ids=new, text=text, prompt_tokens=prompt_len, new_tokens=new.shape[1], seconds=seconds,
-        policy=pol.to_config(), budget=pol.resolve_budget().describe(), memory=cache.memory(), stats=cache.stats(),
+        policy=pol.to_config(), budget=pol.resolve_budget().describe(), memory=memory, stats=stats,
+        memory_per_rank=per_rank,
     )

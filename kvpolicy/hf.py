@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kvpolicy.chunk_attention import partial_attention
+from kvpolicy.distributed import check_tensor_parallel
 from kvpolicy.errors import UnsupportedModelError
 from kvpolicy.layer import MEMORY_KEYS, DecodeCursor, PolicyLayer
 from kvpolicy.policy import Policy
@@ -314,6 +315,10 @@ class KVPolicyCache(_get_dynamic_cache()):
     ``"auto"``: 8192 where every policy layer can take a multi-token forward after its first, else ``None``, one
     forward). Whatever the chunking, a multi-token forward on a layer that holds tokens (the next chunk, or a
     continued prompt) attends exactly to all of them (``kvpolicy.streamed_prefill``).
+
+    A model sharded by transformers' tensor-parallel plan (under torchrun) gives each rank's attention its own
+    KV heads, so this cache holds those heads only; building it runs the checks of
+    ``kvpolicy.distributed.check_tensor_parallel`` on every rank (a collective) before any work.
     """
 
     def __init__(
@@ -332,6 +337,7 @@ class KVPolicyCache(_get_dynamic_cache()):
         check_model_supported(config)
         overrides = {} if budget is ... else {"budget": budget}
         self.policy = Policy.resolve(policy, **overrides)
+        check_tensor_parallel(model_or_config, self.policy)  # a sharded model: each rank holds its own KV heads
         text = _text_config(config)
         n_layers = text.num_hidden_layers
         bad = [x for x in self.policy.dense_layers if x >= n_layers]

@@ -47,11 +47,19 @@ def _state_tensors(obj: object) -> list[torch.Tensor]:
 
 
 class Part(ABC):
-    """Common base: a registered name, a kind, and the largest batch the part handles (None = any)."""
+    """Common base: a registered name, a kind, and the largest batch the part handles (None = any).
+
+    ``shardable``: what the part decides for one KV head depends only on that head's keys, values and queries
+    (its GQA group's query heads). Under tensor parallelism each rank holds a subset of the KV heads, and a
+    shardable part decides for them exactly as one process would; a part that pools across KV heads (e.g. one
+    selection shared by every head) sets it False, or overrides it with a property when a hyperparameter decides,
+    and ``kvpolicy.distributed.check_shardable`` refuses to run it tensor-parallel.
+    """
 
     name: ClassVar[str]
     kind: ClassVar[str]
     max_batch_size: ClassVar[int | None] = None
+    shardable: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ()  # optional modules the part imports (conformance skips without them)
 
     @classmethod

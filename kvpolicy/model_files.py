@@ -174,12 +174,26 @@ def require_gguf_deps() -> None:
             )
 
 
-def load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def tensor_parallel_kwargs(tp: int, config_source: Any) -> dict[str, Any]:
+    """``from_pretrained`` keywords that shard the model over ``tp`` ranks with its own tensor-parallel plan
+    (``{}`` for ``tp`` 1). ``config_source()`` gives the model's config, to check the heads before loading."""
+    if tp <= 1:
+        return {}
+    from transformers.distributed import DistributedConfig
+
+    from kvpolicy.distributed import check_heads
+
+    check_heads(config_source(), tp)
+    return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tp)}
+
+
+def load_gguf(gguf: Path, dtype: torch.dtype, tp: int = 1) -> tuple[Any, Any]:
     require_gguf_deps()
     offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = tensor_parallel_kwargs(
+        tp, lambda: AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True))
     try:  # transformers >= 5.2x can keep GGUF weights packed; we want plain dense tensors
         from transformers import GgufConfig
 
@@ -247,10 +261,11 @@ def convert_gguf(gguf: Path, out: Path, source_sha: str, alias: str | None) -> N
     log(f"converted {gguf.name} in {time.perf_counter() - t0:.1f} s")
 
 
-def load_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_dir(path: Path, dtype: torch.dtype, tp: int = 1) -> tuple[Any, Any]:
     offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = tensor_parallel_kwargs(tp, lambda: AutoConfig.from_pretrained(path, local_files_only=True))
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
     return model.eval(), tok

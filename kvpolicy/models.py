@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvpolicy.distributed import main_rank_first
 from kvpolicy.errors import MissingDependencyError
 from kvpolicy.model_files import (
     assemble_chunks,
@@ -406,6 +407,7 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     use_cache: bool = True,
+    tp: int = 1,
 ) -> tuple[PreTrainedModel, Any]:
     """Load a model and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
 
@@ -415,6 +417,11 @@ def load(
     directly every time); a valid cache is used even if the weight packages were uninstalled since.
     Note: because the cache is bf16, fp32 weights are bf16-rounded values (identical on every load).
     ``model.kvpolicy_info`` (:class:`LoadInfo`) tells where the weights came from.
+
+    ``tp > 1`` shards the model over ``tp`` torchrun processes with transformers' tensor-parallel plan (attention
+    by heads; call it on every rank after ``kvpolicy.distributed.init_tensor_parallel``): each rank's shard goes
+    to its GPU ``LOCAL_RANK`` when CUDA is available, else stays on the CPU, and ``device`` is not used. Heads
+    that do not split over ``tp`` ranks are a ``ValueError`` before any weight is read.
     """
     t0 = time.perf_counter()
     target = _lookup(name_or_path)  # ValueError / TypeError before any state change
@@ -423,38 +430,42 @@ def load(
 
     if target.kind == "checkpoint":
         assert target.path is not None
-        model, tok = load_dir(target.path, torch_dtype)
+        model, tok = load_dir(target.path, torch_dtype, tp)
         source, src_path, gguf = "checkpoint", target.path, None
     else:
         out, sha = _cache_key(target)
         gguf = None
-        if use_cache and cache_valid(out, sha):
-            source = "cache"
-        else:
-            require_gguf_deps()
-            if target.kind == "alias":
-                assert target.spec is not None
-                gguf = _alias_gguf(target.spec)  # ModelNotInstalledError before any write
-                if target.spec.source == "file" and (actual := sha256_file(gguf)) != sha:
-                    raise sha_mismatch(gguf, sha, actual, f"Reinstall with: {target.spec.pip_command}")
+        with main_rank_first(tp):  # under tensor parallelism one rank converts, the others wait
+            if use_cache and cache_valid(out, sha):
+                source = "cache"
             else:
-                gguf = target.path
-            assert gguf is not None
-            source = "gguf"
-            if use_cache:
-                try:
-                    convert_gguf(gguf, out, sha, alias)
-                except OSError as e:  # e.g. read-only cache: still usable, just slow
-                    log(f"could not write the model cache ({e}); loading the GGUF directly")
-                    use_cache = False
+                require_gguf_deps()
+                if target.kind == "alias":
+                    assert target.spec is not None
+                    gguf = _alias_gguf(target.spec)  # ModelNotInstalledError before any write
+                    if target.spec.source == "file" and (actual := sha256_file(gguf)) != sha:
+                        raise sha_mismatch(gguf, sha, actual, f"Reinstall with: {target.spec.pip_command}")
+                else:
+                    gguf = target.path
+                assert gguf is not None
+                source = "gguf"
+                if use_cache:
+                    try:
+                        convert_gguf(gguf, out, sha, alias)
+                    except OSError as e:  # e.g. read-only cache: still usable, just slow
+                        log(f"could not write the model cache ({e}); loading the GGUF directly")
+                        use_cache = False
         if use_cache:
-            model, tok = load_dir(out, torch_dtype)
+            model, tok = load_dir(out, torch_dtype, tp)
             src_path = out
         else:
             assert gguf is not None
-            model, tok = load_gguf(gguf, torch_dtype)
+            model, tok = load_gguf(gguf, torch_dtype, tp)
             source, src_path = "gguf-direct", gguf
-    if str(device) != "cpu":
+    if tp > 1:  # transformers placed each rank's shard
+        if model.device.type == "cpu":
+            _warn_slow_cpu_dtype(torch_dtype)
+    elif str(device) != "cpu":
         model = model.to(device)
     else:
         _warn_slow_cpu_dtype(torch_dtype)

@@ -14,7 +14,9 @@ Per variant:
   over layers per step, and ``rest_ms`` = the step minus those (the rest of the model);
 * ``transfer_gbps``: bytes moved host-to-device / transfer time in the breakdown steps;
 * memory: ``device_kv_bytes``, ``cpu_kv_bytes``, ``index_bytes`` (accounting of the cache),
-  ``device_kv_fraction`` = device KV / (device + CPU KV), and the device's peak allocated bytes.
+  ``device_kv_fraction`` = device KV / (device + CPU KV), and the device's peak allocated bytes. Tensor-parallel
+  (``--tp N`` under torchrun, dense and policies alike at N GPUs): these are rank 0's, per GPU, and
+  ``<column>_per_rank`` lists every rank's.
 
 A policy written ``NAME@DEVICE:TRANSFER`` (``icecache@cuda:uva``; both parts optional) runs that preset with
 its index on DEVICE and/or with another transfer, so variants compare in one run. Prompts are random token ids: this measures latency, never accuracy. ``--config llama3-8b`` builds the
@@ -80,12 +82,17 @@ class DecodeBenchConfig:
     prefill_chunk: int | None = None  # stream the prompt, this many tokens per forward (every variant); None: one
 
 
-def load_bench_model(model: str | None, config: str | None, device: str, dtype: str | None = "bfloat16"):
-    """A packaged/local model (real weights) or a named configuration with random weights."""
+def load_bench_model(model: str | None, config: str | None, device: str, dtype: str | None = "bfloat16",
+                     tp: int = 1):
+    """A packaged/local model (real weights) or a named configuration with random weights. ``tp > 1`` shards a
+    packaged/local model over the torchrun ranks (``kvpolicy.models.load``)."""
     if model:
         from kvpolicy.models import load
 
-        return load(model, dtype=dtype, device=device)[0], model
+        return load(model, dtype=dtype, device=device, tp=tp)[0], model
+    if tp > 1:
+        raise ValueError("--tp shards a checkpoint as it loads: give --model (a packaged alias or a local checkpoint), "
+                         "not a random-weight --config")
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -452,6 +459,7 @@ def bench_decode(
         finally:
             release_cache(model, cache)
             del cache
+        _add_ranks(row, model)
         rows.append(row)
         if on_row is not None:
             on_row(_add_ratios(rows))
@@ -461,6 +469,24 @@ def bench_decode(
     if bar is not None:
         bar.close()
     return _add_ratios(rows)
+
+
+_RANK_KEYS = ("device_kv_bytes", "cpu_kv_bytes", "index_bytes", "device_peak_bytes", "device_peak_over_weights_bytes")
+
+
+def _add_ranks(row: dict[str, Any], model) -> None:
+    """Under tensor parallelism (a collective): ``tp`` and each memory column of every rank as ``<column>_per_rank``;
+    the plain columns stay this rank's (per GPU, which is what must fit)."""
+    from kvpolicy.distributed import sum_over_ranks, tp_size
+
+    n = tp_size(model)
+    if n <= 1:
+        return
+    _, per_rank = sum_over_ranks({k: row.get(k) or 0 for k in _RANK_KEYS}, model)
+    row["tp"] = n
+    for k in _RANK_KEYS:
+        if k in row:
+            row[f"{k}_per_rank"] = [r[k] for r in per_rank]
 
 
 def _add_ratios(rows: list[dict]) -> list[dict]:

@@ -45,6 +45,10 @@ class OmniKVSelector(Selector):
         self.filter_layers = layers
         self.reset()
 
+    @property
+    def shardable(self) -> bool:  # one token set for every head pools the heads, which TP spreads over ranks
+        return not self.shared_heads
+
     def reset(self) -> None:
         self.keys: torch.Tensor | None = None  # [B, Hkv, Tcap, D] filter layer: every key, on the compute device
         self.pages = TokenPages()
