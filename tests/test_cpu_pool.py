@@ -91,3 +91,29 @@ def test_generate_takes_the_pool_dtype_and_refuses_unknown_ones():
         kvpolicy.generate(model, ids, policy="quest", budget=None, max_new_tokens=4, cpu_pool_dtype="bf8")
     with pytest.raises(ValueError, match="valid: 'auto', 'fp8'"):
         KVPolicyCache(model, "quest", cpu_pool_dtype="e5m2")
+
+
+def test_cli_takes_the_pool_dtype_where_the_pool_is_made(capsys):
+    from kvpolicy import cli
+    from kvpolicy.pool_dtype import POOL_DTYPES
+
+    assert cli.CPU_POOL_DTYPES == POOL_DTYPES
+    p = cli.build_parser()
+    for argv in (["generate", "--prompt", "x"], ["eval", "--out", "r.jsonl"], ["bench", "decode"],
+                 ["bench", "capacity"]):
+        assert p.parse_args([*argv, "--cpu-pool-dtype", "fp8"]).cpu_pool_dtype == "fp8"
+        assert p.parse_args(argv).cpu_pool_dtype is None  # the policy's own
+    with pytest.raises(SystemExit):
+        p.parse_args(["generate", "--prompt", "x", "--cpu-pool-dtype", "fp16"])
+    assert "'auto', 'fp8'" in capsys.readouterr().err
+
+
+def test_eval_rows_of_an_fp8_pool_have_their_own_label():
+    from kvpolicy.eval.runner import eval_jobs
+
+    jobs = eval_jobs(["quest", "full", "snapkv"], [128], cpu_pool_dtype="fp8")
+    assert sorted({j.label for j in jobs}) == ["full+fp8", "quest+fp8", "snapkv+fp8", "snapkv-qhidden+fp8"]
+    assert all(j.policy.cpu_pool_dtype == "fp8" for j in jobs)
+    assert {j.label for j in eval_jobs(["quest"], [128])} == {"quest"}
+    with pytest.raises(ValueError, match="valid: 'auto', 'fp8'"):
+        eval_jobs(["quest"], [128], cpu_pool_dtype="fp4")
