@@ -21,7 +21,12 @@ LOGIT_TOL = 0.01
 
 
 def _run(model, ids, policy, pool_dtype, chunk=None, n=16):
-    cache = KVPolicyCache(model, policy, budget=None, cpu_pool_dtype=pool_dtype, prefill_chunk=chunk)
+    """Greedy decoding at an unlimited budget (the prompt streamed in ``chunk``-token forwards if given); ``policy``
+    may carry a placement (``quest:uva``). Returns (generate's output with logits, the cache)."""
+    from kvpolicy.policy import Policy
+
+    cache = KVPolicyCache(model, Policy.resolve_placed(policy, budget=None), cpu_pool_dtype=pool_dtype,
+                          prefill_chunk=chunk)
     with torch.inference_mode():
         if chunk:
             prefill(model, cache, ids[:, : (ids.shape[1] - 1) // chunk * chunk], chunk)
