@@ -137,11 +137,13 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
     from kvpolicy.policy import Policy
 
-    Policy.resolve(args.policy, budget=args.budget)  # validate before loading the model
+    pool = {"cpu_pool_dtype": args.cpu_pool_dtype} if args.cpu_pool_dtype else {}
+    Policy.resolve(args.policy, budget=args.budget, **pool)  # validate before loading the model
     model, tok = _load(args)
     res = generate(model, tok, prompt, policy=args.policy, budget=args.budget,
                    max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                   prefill_chunk=args.prefill_chunk, progress=_world(args).is_main, allow_overflow=args.allow_overflow)
+                   prefill_chunk=args.prefill_chunk, progress=_world(args).is_main, allow_overflow=args.allow_overflow,
+                   **pool)
     print(res.text[0])
     if _world(args).is_main:
         print(res.summary(), file=sys.stderr)
@@ -193,7 +195,7 @@ def cmd_eval(args) -> int:
     from kvpolicy.eval.tasks import resolve_tasks
 
     policies = args.policy
-    eval_jobs(policies, args.budget)  # unknown presets and bad budgets fail before the model loads
+    eval_jobs(policies, args.budget, args.cpu_pool_dtype)  # unknown presets, bad budgets fail before the model loads
     world = _world(args)
     if args.fidelity and world.size > 1:
         raise ValueError("--fidelity measures every head on one process; it does not run with --tp (yet)")
@@ -224,7 +226,7 @@ def cmd_eval(args) -> int:
                         budgets=args.budget, tasks=tasks, lengths=lengths, samples=args.samples, out=out,
                         seed=args.seed, samples_source=source, fidelity=args.fidelity,
                         prefill_chunk=args.prefill_chunk, failed=failed, allow_overflow=args.allow_overflow,
-                        progress=world.is_main)
+                        progress=world.is_main, cpu_pool_dtype=args.cpu_pool_dtype)
     Console().print(markdown_report(read_rows(args.out)))
     if failed:
         print(f"kvpolicy eval: error: {len(failed)} of {len(failed) + len(rows)} cells failed (rows with 'error' "
@@ -300,7 +302,8 @@ def cmd_bench_capacity(args) -> int:
 
     cfg = CapacityBenchConfig(policies=args.policy, budget=args.budget, start=parse_length(args.start),
                               max_length=parse_length(args.max_length), steps=args.steps,
-                              prefill_chunk=args.prefill_chunk, fill=args.fill, dense=not args.no_dense)
+                              prefill_chunk=args.prefill_chunk, fill=args.fill, dense=not args.no_dense,
+                              cpu_pool_dtype=args.cpu_pool_dtype)
     for name in args.policy:
         Policy.resolve_placed(split_variant(name).spec, budget=args.budget)  # validate before loading the model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -345,6 +348,14 @@ DEMO_POLICIES = ("full", "oracle", "streaming", "icecache")  # kvpolicy.eval.dem
 DEMO_DEPTHS = (0.6, 0.75, 0.9)  # kvpolicy.eval.demo.DEFAULT_DEPTHS
 DEMO_SEED = 1  # kvpolicy.eval.demo.DEFAULT_SEED
 DEMO_NEW_TOKENS = 8  # kvpolicy.eval.demo.DEFAULT_NEW_TOKENS
+CPU_POOL_DTYPES = ("auto", "fp8")  # kvpolicy.pool_dtype.POOL_DTYPES
+
+
+def _pool_dtype_arg(s) -> None:
+    s.add_argument("--cpu-pool-dtype", choices=CPU_POOL_DTYPES, default=None,
+                   help="how the CPU page pool stores K/V: auto (the model's dtype) or fp8 (e4m3, one scale per page "
+                        "and head: half the CPU bytes and bytes moved, dequantised on the way to the GPU); default: "
+                        "the policy's own (auto)")
 
 
 def cmd_bench_decode(args) -> int:
@@ -378,7 +389,7 @@ def cmd_bench_decode(args) -> int:
     cfg = DecodeBenchConfig(policies=args.policy, budget=args.budget, lengths=lengths, steps=args.steps,
                             breakdown_steps=args.breakdown_steps, dense=not args.no_dense, dense_graphs=args.dense_graphs,
                             index_device=args.index_device, sdpa_backend=args.sdpa_backend,
-                            prefill_chunk=args.prefill_chunk)
+                            prefill_chunk=args.prefill_chunk, cpu_pool_dtype=args.cpu_pool_dtype)
     return _run_bench(args, model, model_name, device, cfg, bench_decode, print_table, plot_decode)
 
 
@@ -423,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per forward of the streamed prompt, or 'none' for one forward (default: 8192 where "
                         "the policy can stream)")
     tp_arg(s)
+    _pool_dtype_arg(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("demo", help="passkey retrieval per policy and budget on a real model (the main job)")
@@ -460,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=_fixed_chunk, default=None,
                    help="stream the shared dense prefill, this many tokens per forward (exact; default: one forward)")
     tp_arg(s)
+    _pool_dtype_arg(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("report", help="markdown tables and PNG plots from eval results")
@@ -516,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None, help="write {meta, rows} JSON here")
     s.add_argument("--plot", default=None, help="write the time-per-token plot (PNG) here")
     tp_arg(s)
+    _pool_dtype_arg(s)
     s.set_defaults(fn=cmd_bench_decode)
 
     s = bench.add_parser("capacity", help="double each variant's context until it fails: GPU and host memory, "
@@ -536,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     s.add_argument("--json", default=None, help="write {meta, rows} JSON here")
     s.add_argument("--plot", default=None, help="write the GPU-memory-against-context plot (PNG) here")
+    _pool_dtype_arg(s)
     s.set_defaults(fn=cmd_bench_capacity)
     return p
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "DuplicatePluginError",
+    "HostMemoryError",
     "MissingDependencyError",
     "PluginError",
     "PluginLoadError",
@@ -36,6 +37,11 @@ class UnknownNameError(PluginError, ValueError):
 
 class UnsupportedModelError(ValueError):
     """A model architecture kvpolicy cannot run."""
+
+
+class HostMemoryError(MemoryError):
+    """A CPU page pool could not allocate the memory it grows into (the message names the bytes asked for and
+    the bytes held)."""
 
 
 class MissingDependencyError(ImportError):

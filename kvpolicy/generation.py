@@ -136,6 +136,7 @@ def generate(
     defer_insert: bool = False,
     prefetch: str = "off",
     prefill_chunk: int | None | str = "auto",
+    cpu_pool_dtype: str | None = None,
     progress: bool = False,
     allow_overflow: bool = False,
     **generate_kwargs: Any,
@@ -144,8 +145,8 @@ def generate(
 
     ``tokenizer_or_inputs`` is a tokenizer (then ``prompt`` is required and the output is decoded), a dict
     with ``input_ids`` or a ``[B, T]`` tensor of ids. ``budget=None`` means unlimited. ``defer_insert``,
-    ``prefetch`` and ``prefill_chunk`` (the prompt streams in, ``prefill_chunk`` tokens per forward): see
-    ``KVPolicyCache``. ``progress`` shows a bar over the prompt's chunks and one over the layers' index builds. A prompt plus ``max_new_tokens`` beyond
+    ``prefetch``, ``prefill_chunk`` (the prompt streams in, ``prefill_chunk`` tokens per forward) and
+    ``cpu_pool_dtype`` (``"fp8"``: the CPU page pool holds fp8 pages; ``None``: the policy's): see ``KVPolicyCache``. ``progress`` shows a bar over the prompt's chunks and one over the layers' index builds. A prompt plus ``max_new_tokens`` beyond
     the model's maximum position is a ``ContextLengthError`` unless ``allow_overflow``.
 
     Under torchrun with a model sharded by transformers' tensor-parallel plan, call it on every rank with the same
@@ -153,7 +154,8 @@ def generate(
     ``stats`` are summed over the ranks (``memory_per_rank`` keeps each rank's share).
     """
     check_model_supported(model.config)
-    pol = Policy.resolve(policy, budget=budget)  # validated before anything runs
+    pol = Policy.resolve(policy, budget=budget, **({"cpu_pool_dtype": cpu_pool_dtype} if cpu_pool_dtype else {}))
+    # validated before anything runs
     tok = tokenizer or (tokenizer_or_inputs if hasattr(tokenizer_or_inputs, "decode") else None)
     inputs = prepare_inputs(tokenizer_or_inputs, prompt, chat=chat, device=model.device)
     prompt_len = inputs["input_ids"].shape[1]

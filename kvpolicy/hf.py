@@ -314,7 +314,9 @@ class KVPolicyCache(_get_dynamic_cache()):
     ``prefill_chunk``: tokens per forward when a prompt is streamed in (``kvpolicy.generation.prefill``;
     ``"auto"``: 8192 where every policy layer can take a multi-token forward after its first, else ``None``, one
     forward). Whatever the chunking, a multi-token forward on a layer that holds tokens (the next chunk, or a
-    continued prompt) attends exactly to all of them (``kvpolicy.streamed_prefill``).
+    continued prompt) attends exactly to all of them (``kvpolicy.streamed_prefill``). ``cpu_pool_dtype``
+    (``"auto"`` or ``"fp8"``) overrides the policy's ``Policy.cpu_pool_dtype``: how the CPU page pool stores K/V
+    (``None``: the policy's, ``"auto"`` unless it says otherwise).
 
     A model sharded by transformers' tensor-parallel plan (under torchrun) gives each rank's attention its own
     KV heads, so this cache holds those heads only; building it runs the checks of
@@ -332,10 +334,13 @@ class KVPolicyCache(_get_dynamic_cache()):
         defer_insert: bool = False,
         prefetch: str = "off",
         prefill_chunk: int | None | str = "auto",
+        cpu_pool_dtype: str | None = None,
     ):
         config = getattr(model_or_config, "config", model_or_config)
         check_model_supported(config)
         overrides = {} if budget is ... else {"budget": budget}
+        if cpu_pool_dtype is not None:
+            overrides["cpu_pool_dtype"] = cpu_pool_dtype
         self.policy = Policy.resolve(policy, **overrides)
         check_tensor_parallel(model_or_config, self.policy)  # a sharded model: each rank holds its own KV heads
         text = _text_config(config)

@@ -266,7 +266,10 @@ class Transfer(Part):
 
     * ``submit(src_pool, src_ids, dst_pool, dst_slots)`` copies page ``src_ids[b, h, j]`` of ``src_pool``
       (K, V and valid length) into slot ``dst_slots[b, h, j]`` of ``dst_pool`` for every entry with
-      ``src_ids >= 0`` (``[B, Hkv, K]`` int64 both). The copy is bit-exact. It may be asynchronous.
+      ``src_ids >= 0`` (``[B, Hkv, K]`` int64 both). The copy is bit-exact: the slots hold what
+      ``src_pool.read_pages`` reads (an fp8 pool's pages dequantised, ``q * scale`` in float32 rounded to the slots'
+      dtype). It may be asynchronous. A source pool holds its K/V in chunks (``PagePool.gather_raw``, ``spans``,
+      ``chunk_tables``); the destination is a slot pool (one chunk, ``dst_pool.k``/``v``).
     * ``wait(handle)`` orders the current stream after the copy (on CPU: returns when it is done). Reading
       ``dst_pool`` before ``wait`` is undefined.
     """

@@ -5,7 +5,9 @@ Memory layout of one layer (B batch, Hkv KV heads, S page size, D head dim)::
     compute device (GPU):  sink   [B, Hkv, <=sink_pages*S, D]      first tokens, always attended
                            window [B, Hkv, <=window_pages*S, D]    newest tokens, always attended
                            slots  [B, Hkv, N, S, D]                working set: the selected pages
-    CPU (pinned if CUDA):  pool   [B, Hkv, C, S, D]                every offloaded page (the index's pages)
+    CPU (pinned if CUDA):  pool   chunks of [B, Hkv, Cc, S, D]     every offloaded page (the index's pages), in
+                                                                   the model's dtype or fp8 with per-page scales
+                                                                   (Policy.cpu_pool_dtype, kvpolicy.pool)
 
 Prefill hands the layer's K/V over once: the sink and the window stay on the device, the middle goes to the
 index (``Index.build``) and to the CPU pool. Each decode step appends the new token to the window, selects
@@ -225,9 +227,10 @@ class PolicyLayer:
         S = self.budget.page_size
         layout = self.index.build(mid_k, page_size=S)
         t1 = time.perf_counter()
-        # sized after the build (semantic indexes make more pages than T/S), with room for decode-time pages
+        # sized after the build (semantic indexes make more pages than T/S); later pages append chunks (no copy)
         P = int(layout.num_pages.max()) if layout.num_pages.numel() else 0
-        self.cpu_pool = PagePool(B, H, S, D, dtype=mid_k.dtype, device="cpu", capacity=P + max(64, P // 8))
+        self.cpu_pool = PagePool(B, H, S, D, dtype=mid_k.dtype, device="cpu", capacity=P,
+                                 pool_dtype=self.policy.cpu_pool_dtype)
         ta = time.perf_counter()
         self.stats.pool_alloc_s += ta - t1
         self.cpu_pool.write(layout, mid_k, mid_v, base=0)

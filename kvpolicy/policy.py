@@ -1,4 +1,5 @@
-"""``Policy``: the four parts plus page size, token budget, sink/window pages and dense layers.
+"""``Policy``: the four parts plus page size, token budget, sink/window pages, dense layers and how the CPU page
+pool stores K/V (``cpu_pool_dtype``: ``"auto"``, the model's dtype, or ``"fp8"``; see ``kvpolicy.pool_dtype``).
 
 A policy is a frozen description; ``make_parts()`` builds fresh part instances for one layer. It is built
 from keyword arguments, from a dict/YAML file, or from a named preset registered by a plugin::
@@ -20,6 +21,7 @@ from typing import Any
 
 from kvpolicy.errors import UnknownNameError, suggest
 from kvpolicy.interfaces import Index, PageAllocator, Part, Selector, Transfer
+from kvpolicy.pool_dtype import check_pool_dtype
 from kvpolicy.registry import Registry, get_registry
 from kvpolicy.types import Budget, SearchParams
 
@@ -62,14 +64,16 @@ class Parts:
 
 _FIELDS = (
     "selector", "index", "allocator", "transfer", "page_size", "budget", "sink_pages", "window_pages",
-    "dense_layers", "search_params", "name",
+    "dense_layers", "search_params", "name", "cpu_pool_dtype",
 )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Policy:
     """A KV selection policy. ``budget`` is in tokens (sink + window + retrieved pages, times ``page_size``);
-    ``None`` means unlimited (every page is attended)."""
+    ``None`` means unlimited (every page is attended). ``cpu_pool_dtype``: ``"auto"`` keeps the offloaded pages in
+    the model's dtype; ``"fp8"`` stores them as float8_e4m3fn with one scale per (page, head), half the CPU bytes
+    and half the bytes per page moved, dequantised on the way to the GPU (``kvpolicy.pool_dtype``)."""
 
     selector: PartSpec
     index: PartSpec = PartSpec("exact")  # pages the offloaded tokens; positional for non-index selectors
@@ -82,6 +86,7 @@ class Policy:
     dense_layers: tuple[int, ...] = ()
     search_params: SearchParams | None = None
     name: str | None = None
+    cpu_pool_dtype: str = "auto"
     registry: Registry | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +108,7 @@ class Policy:
             raise ValueError(f"sink_pages must be >= 0, got {self.sink_pages}")
         if self.window_pages is not None and self.window_pages < 1:
             raise ValueError(f"window_pages must be >= 1 (the current token's page), got {self.window_pages}")
+        check_pool_dtype(self.cpu_pool_dtype)
         if any(x < 0 for x in self.dense_layers):
             raise ValueError(f"dense_layers must be layer indices >= 0, got {self.dense_layers}")
         if self.budget is not None:
@@ -215,6 +221,8 @@ class Policy:
             cfg["search_params"] = dataclasses.asdict(self.search_params)
         if self.name:
             cfg["name"] = self.name
+        if self.cpu_pool_dtype != "auto":  # only when set: configs (and result rows) of earlier runs are unchanged
+            cfg["cpu_pool_dtype"] = self.cpu_pool_dtype
         return cfg
 
     @classmethod

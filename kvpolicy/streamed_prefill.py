@@ -4,9 +4,10 @@ continued prompt (a chat's next turn). Both are one operation, ``extend``.
 The chunk's queries attend exactly to every earlier token of the layer and causally to the chunk itself:
 
 * the sink and the window, on the GPU, as one piece;
-* the pages of the CPU pool, ``BLOCK_TOKENS`` per (b, head) at a time: on CUDA each block is copied from the
-  pinned pool on a side stream while the previous block is attended (double buffering), so the GPU holds at most
-  two blocks of the past, never the whole layer;
+* the pages of the CPU pool, ``BLOCK_TOKENS`` per (b, head) at a time (a block never spans two of the pool's
+  chunks): on CUDA each block is copied from the pinned pool on a side stream while the previous block is
+  attended (double buffering), so the GPU holds at most two blocks of the past, never the whole layer; an fp8
+  pool's blocks cross as fp8 and are dequantised on the GPU;
 * the chunk's own K/V, causally;
 
 merged exactly by their log-sum-exp (``kvpolicy.chunk_attention``). The chunk's K/V then join the layer as the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.chunk_attention import partial_attention
+from kvpolicy.pool_dtype import dequantize
 
 __all__ = ["BLOCK_TOKENS", "check_extend", "extend"]
 
@@ -46,15 +48,19 @@ def check_extend(layer, key: torch.Tensor) -> None:
 
 
 def _pool_blocks(layer):
-    """Yield ``(k, v, valid)`` of the pool's pages in use, ``BLOCK_TOKENS`` per (b, head) at a time, on the
-    layer's device: k/v ``[B, Hkv, n, D]``, valid ``[B, Hkv, n]``."""
+    """Yield ``(k, v, valid)`` of the pool's pages in use, ``BLOCK_TOKENS`` per (b, head) at a time (and never
+    across a chunk of the pool), on the layer's device in its dtype (an fp8 pool is dequantised there): k/v
+    ``[B, Hkv, n, D]``, valid ``[B, Hkv, n]``."""
     pool, S = layer.cpu_pool, layer.budget.page_size
     P = layer._max_pages  # pages of the fullest row (rows with fewer pages have length 0 there)
     if pool is None or P == 0:
         return
     step = max(1, BLOCK_TOKENS // S)
-    bounds = [(p0, min(P, p0 + step)) for p0 in range(0, P, step)]
-    B, H, D, dev = pool.batch_size, pool.num_kv_heads, pool.head_dim, layer.device
+    bounds = []  # [p0, p1) of each block: `step` pages at most, within one chunk
+    for c, a, b in pool.spans(0, P):
+        base = c * pool.chunk_pages
+        bounds += [(base + q, base + min(b, q + step)) for q in range(a, b, step)]
+    B, H, D, dev, dtype = pool.batch_size, pool.num_kv_heads, pool.head_dim, layer.device, layer.dtype
 
     def flat(k, v, lengths, full: bool):
         n = k.shape[2]
@@ -66,9 +72,10 @@ def _pool_blocks(layer):
     # which blocks hold only whole pages: read on the host from the (pinned) lengths, without a device sync
     whole = [bool((pool.lengths[:, :, p0:p1] == S).all()) for p0, p1 in bounds]
 
-    if dev.type != "cuda":  # the pool is where the attention runs: views, no copy
+    if dev.type != "cuda":  # the pool is where the attention runs: views (copies only to dequantise)
         for (p0, p1), full in zip(bounds, whole):
-            yield flat(pool.k[:, :, p0:p1], pool.v[:, :, p0:p1], pool.lengths[:, :, p0:p1], full)
+            k, v = pool.read_range(p0, p1, dtype=dtype)
+            yield flat(k, v, pool.lengths[:, :, p0:p1], full)
         return
     main = torch.cuda.current_stream(dev)
     side = layer._prefill_stream
@@ -76,31 +83,45 @@ def _pool_blocks(layer):
         side = layer._prefill_stream = torch.cuda.Stream(device=dev)
     # two staging buffers, filled in turn: a block is copied into one while the other is attended. The side stream
     # waits for the attention that last read a buffer before overwriting it; nothing is allocated per block, so
-    # the GPU holds two blocks of the past however far the host runs ahead
-    n = min(step, P)
-    bufs = [(torch.empty((B, H, n, S, D), dtype=pool.dtype, device=dev),
-             torch.empty((B, H, n, S, D), dtype=pool.dtype, device=dev),
-             torch.empty((B, H, n), dtype=pool.lengths.dtype, device=dev)) for _ in range(min(2, len(bounds)))]
+    # the GPU holds two blocks of the past however far the host runs ahead (an fp8 pool's blocks cross as fp8 with
+    # their scales, and each is dequantised on the main stream when it is attended: one more block in flight)
+    n = min(step, max(p1 - p0 for p0, p1 in bounds))
+    fp8 = pool.fp8
+
+    def buffer():
+        kv = [torch.empty((B, H, n, S, D), dtype=pool.storage_dtype, device=dev) for _ in range(2)]
+        meta = [torch.empty((B, H, n), dtype=pool.lengths.dtype, device=dev)]
+        meta += [torch.empty((B, H, n), dtype=torch.float32, device=dev) for _ in range(2 if fp8 else 0)]
+        return kv + meta
+
+    bufs = [buffer() for _ in range(min(2, len(bounds)))]
     freed: list = [None] * len(bufs)  # event on the main stream after the last read of each buffer
     side.wait_stream(main)  # the buffers were allocated on the main stream
 
     def load(i):
-        (p0, p1), (k, v, lengths), slot = bounds[i], bufs[i % len(bufs)], i % len(bufs)
+        (p0, p1), slot = bounds[i], i % len(bufs)
+        k, v, lengths, *scales = bufs[slot]
+        src_k, src_v, src_ks, src_vs = pool.raw_range(p0, p1)
         with torch.cuda.stream(side):
             if freed[slot] is not None:
                 side.wait_event(freed[slot])
             m = p1 - p0
-            for b in range(B):  # each (b, head) row of the pinned pool is contiguous: one async copy per row
+            for b in range(B):  # each (b, head) row of a pinned chunk is contiguous: one async copy per row
                 for h in range(H):
-                    k[b, h, :m].copy_(pool.k[b, h, p0:p1], non_blocking=True)
-                    v[b, h, :m].copy_(pool.v[b, h, p0:p1], non_blocking=True)
+                    k[b, h, :m].copy_(src_k[b, h], non_blocking=True)
+                    v[b, h, :m].copy_(src_v[b, h], non_blocking=True)
             lengths[:, :, :m].copy_(pool.lengths[:, :, p0:p1], non_blocking=True)
-            return k[:, :, :m], v[:, :, :m], lengths[:, :, :m], side.record_event()
+            for dst, src in zip(scales, (src_ks, src_vs)):
+                dst[:, :, :m].copy_(src, non_blocking=True)
+            scales = [t[:, :, :m] for t in scales] or [None, None]
+            return k[:, :, :m], v[:, :, :m], lengths[:, :, :m], scales, side.record_event()
 
     nxt = load(0)
     for i in range(len(bounds)):
-        k, v, lengths, ready = nxt
+        k, v, lengths, (ks, vs), ready = nxt
         main.wait_event(ready)
+        if fp8 or k.dtype != dtype:
+            k, v = dequantize(k, ks, dtype), dequantize(v, vs, dtype)
         yield flat(k, v, lengths, whole[i])  # the caller queues this block's attention before asking for the next
         freed[i % len(bufs)] = main.record_event()
         nxt = load(i + 1) if i + 1 < len(bounds) else None

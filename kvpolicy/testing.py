@@ -383,7 +383,8 @@ class AllocatorConformance(_Requires):
 
 # ---------------------------------------------------------------------------------------------- Transfer
 class TransferConformance(_Requires):
-    """Contract of ``Transfer``: bit-exact copies into the right slots, nothing else touched."""
+    """Contract of ``Transfer``: bit-exact copies into the right slots, nothing else touched, from a source pool
+    held in chunks, in the model's dtype and in fp8 (the slots then hold what ``PagePool.read_pages`` reads)."""
 
     transfer_cls: ClassVar[type[Transfer]]
     transfer_kwargs: ClassVar[dict[str, Any]] = {}
@@ -392,11 +393,16 @@ class TransferConformance(_Requires):
     def make(self) -> Transfer:
         return self.transfer_cls(**self.transfer_kwargs) if self.transfer_kwargs else self.transfer_cls.tiny()
 
-    def _pools(self, dtype, dst_device="cpu"):
+    def _pools(self, dtype, dst_device="cpu", pool_dtype="auto"):
+        """A CPU source pool of 12 pages per row in 4 chunks (in ``dtype``, or fp8 with random per-page scales) and a
+        slot pool of 4 slots filled with -7."""
         g = torch.Generator().manual_seed(0)
-        src = PagePool(2, 3, 16, 8, dtype=dtype, capacity=10)
-        src.k.copy_(torch.randn(src.k.shape, generator=g).to(dtype))
-        src.v.copy_(torch.randn(src.v.shape, generator=g).to(dtype))
+        src = PagePool(2, 3, 16, 8, dtype=dtype, capacity=10, chunk_pages=3, pool_dtype=pool_dtype)
+        for c in src.k_chunks + src.v_chunks:
+            c.copy_(torch.randn(c.shape, generator=g).to(c.dtype))
+        if src.fp8:
+            src.k_scale.copy_(torch.rand(src.k_scale.shape, generator=g))
+            src.v_scale.copy_(torch.rand(src.v_scale.shape, generator=g))
         src.lengths.copy_(torch.randint(1, 17, src.lengths.shape, generator=g).to(torch.int32))
         dst = PagePool(2, 3, 16, 8, dtype=dtype, device=dst_device, capacity=4, pin=False, track_tokens=False)
         dst.k.fill_(-7)
@@ -404,8 +410,8 @@ class TransferConformance(_Requires):
         return src, dst
 
     def _check(self, dst_device):
-        for dtype in self.dtypes:
-            src, dst = self._pools(dtype, dst_device)
+        for dtype, pool_dtype in [(d, p) for d in self.dtypes for p in ("auto", "fp8")]:
+            src, dst = self._pools(dtype, dst_device, pool_dtype)
             ids = torch.tensor([[[3, 9, PAD], [0, PAD, PAD], [PAD, PAD, PAD]],
                                 [[1, 2, 4], [7, PAD, 5], [6, PAD, PAD]]])
             slots = torch.tensor([[[1, 0, PAD], [3, PAD, PAD], [PAD, PAD, PAD]],
@@ -418,8 +424,9 @@ class TransferConformance(_Requires):
             for b, hh, j in (ids >= 0).nonzero().tolist():
                 p, s = int(ids[b, hh, j]), int(slots[b, hh, j])
                 written[b, hh, s] = True
-                assert torch.equal(dst.k[b, hh, s].cpu(), src.k[b, hh, p]), "K copied bit-exactly"
-                assert torch.equal(dst.v[b, hh, s].cpu(), src.v[b, hh, p]), "V copied bit-exactly"
+                k, v = src.read_pages(torch.tensor([b * 3 + hh]), torch.tensor([p]))  # [1, S, D] (dequantised)
+                assert torch.equal(dst.k[b, hh, s].cpu(), k[0]), f"K copied bit-exactly ({pool_dtype} pool)"
+                assert torch.equal(dst.v[b, hh, s].cpu(), v[0]), f"V copied bit-exactly ({pool_dtype} pool)"
                 assert int(dst.lengths[b, hh, s]) == int(src.lengths[b, hh, p])
             assert bool((dst.k.cpu()[~written] == -7).all()), "slots not addressed stay untouched"
 

@@ -194,7 +194,7 @@ class SelectContext:
     budget: Budget
     seq_len: int  # tokens in the sequence, the current one included
     index: Index | None
-    pool: PagePool  # the layer's CPU page pool (read only for selectors; oracle reads it)
+    pool: PagePool  # the layer's CPU page pool (read only for selectors: read_pages/read_range; oracle reads it)
     num_pages: torch.Tensor  # [B, Hkv] int64 pages currently in the index
     num_kv_heads: int
     scaling: float = 1.0  # softmax scale of the model's attention (e.g. 1/sqrt(D))

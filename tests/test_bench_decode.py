@@ -28,8 +28,10 @@ def test_bench_decode_rows(tiny):
     assert dense["device_kv_fraction"] == 1.0 and dense["cpu_kv_bytes"] == 0
     # dense KV: 4 layers x K,V x 1 head x (512 + 1 + 3 + 0 breakdown) tokens x 64 x 4 bytes (fp32 default weights)
     assert dense["device_kv_bytes"] == 4 * 2 * 1 * (512 + 1 + 3) * 64 * tiny.dtype.itemsize
+    # most of the KV lives in CPU pages (quest keeps its first two of the four layers dense, on the device; the
+    # CPU pools hold the pages, rounded up to whole chunks)
+    assert 0 < stream["device_kv_fraction"] < 0.5 and 0 < quest["device_kv_fraction"] < 0.6
     for r in (quest, stream):
-        assert 0 < r["device_kv_fraction"] < 0.5  # most of the KV lives in CPU pages
         assert r["cpu_kv_bytes"] > 0
         assert r["index_device_bytes"] == 0  # a CPU run: no index lives on a compute device
         for k in ("select_ms", "transfer_ms", "attention_ms", "insert_ms", "rest_ms", "breakdown_step_ms"):

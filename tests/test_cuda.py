@@ -45,7 +45,7 @@ def test_offloaded_pages_live_in_pinned_cpu_memory():
     for layer in cache.layers:
         assert isinstance(layer, PolicyCacheLayer)
         st = layer.state
-        assert st.cpu_pool.k.device.type == "cpu" and st.cpu_pool.k.is_pinned()
+        assert st.cpu_pool.k_chunks[0].device.type == "cpu" and all(c.is_pinned() for c in st.cpu_pool.k_chunks)
         assert st.gpu_pool.k.device.type == "cuda" and st.gpu_pool.capacity == 4  # 128 = (2+2+4) pages
         assert st.sink_k.device.type == "cuda" and st.win_k.device.type == "cuda"
         assert st.stats.pages_moved > 0 and st.stats.bytes_moved > 0

@@ -109,3 +109,26 @@ def test_gpu_memory_does_not_grow_with_the_context(policy):
     assert large - small < dense_growth / 8
     if "bounded" in policy:  # the GPU part of the index: under 5% of the KV bytes it indexes
         assert idx_large <= 0.05 * 32768 * 4 * 8 * 128 * 2 * 2, idx_large
+
+
+def test_streamed_prefill_from_a_chunked_fp8_pool_on_cuda(monkeypatch):
+    """The pinned pool in chunks of 2 pages (blocks cut at every chunk boundary, decode appending chunks): in the
+    model's dtype it reproduces one-shot dense decoding; in fp8 (blocks cross as fp8 and are dequantised on the
+    GPU, pages moved by the uva kernel) its logits stay within the CPU tests' tolerance of the model-dtype pool's."""
+    from kvpolicy.pool import PagePool
+    from tests.test_cpu_pool import LOGIT_TOL, _run
+
+    monkeypatch.setattr(PagePool, "_auto_chunk_pages", lambda self, pages: 2)
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(1, 128, (1, 700), generator=torch.Generator().manual_seed(1)).cuda()
+    ref = model.generate(ids, max_new_tokens=24, do_sample=False)
+    runs = {dt: _run(model, ids, "quest:uva", dt, chunk=128, n=24) for dt in ("auto", "fp8")}
+    for dt, (_, cache) in runs.items():
+        pool = cache.layers[cache.policy_layers[0]].state.cpu_pool
+        assert pool.chunk_pages == 2 and pool.num_chunks > 8 and pool.pinned and pool.fp8 == (dt == "fp8")
+        assert cache.stats()["prompt_chunks"] > 0
+    assert torch.equal(runs["auto"][0].sequences, ref)
+    for a, b in zip(runs["auto"][0].logits, runs["fp8"][0].logits):
+        assert (a - b).abs().max() <= LOGIT_TOL
+        if int(a.argmax()) != int(b.argmax()):
+            break

@@ -56,6 +56,7 @@ class CapacityBenchConfig:
     fill: str = "prefill"
     dense: bool = True
     seed: int = 0
+    cpu_pool_dtype: str | None = None  # every variant's CPU pages: "auto" (model dtype), "fp8"; None: the policy's
 
     def __post_init__(self):
         if self.fill not in FILLS:
@@ -136,7 +137,7 @@ def _run(model, vname: str, pol, length: int, cfg: CapacityBenchConfig) -> dict[
             if pol is None:
                 cache = DynamicCache(config=model.config)
             else:
-                cache = policy_cache(model, vname, pol, cfg.prefill_chunk)
+                cache = policy_cache(model, vname, pol, cfg.prefill_chunk, cfg.cpu_pool_dtype)
             if cfg.fill == "prefill":
                 g = torch.Generator().manual_seed(cfg.seed)
                 ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(dev)

@@ -80,6 +80,7 @@ class DecodeBenchConfig:
     index_device: str | None = None  # None: the policy's own default
     seed: int = 0
     prefill_chunk: int | None = None  # stream the prompt, this many tokens per forward (every variant); None: one
+    cpu_pool_dtype: str | None = None  # every variant's CPU pages: "auto" (model dtype), "fp8"; None: the policy's
 
 
 def load_bench_model(model: str | None, config: str | None, device: str, dtype: str | None = "bfloat16",
@@ -360,12 +361,14 @@ def release_cache(model, cache) -> None:
         torch.cuda.empty_cache()
 
 
-def policy_cache(model, vname: str, pol, prefill_chunk: int | None = None):
-    """The cache of one policy variant, with its ``+graphs``/``+defer``/``+prefetch``/``+estimate`` flags applied."""
+def policy_cache(model, vname: str, pol, prefill_chunk: int | None = None, cpu_pool_dtype: str | None = None):
+    """The cache of one policy variant, with its ``+graphs``/``+defer``/``+prefetch``/``+estimate`` flags applied
+    (``cpu_pool_dtype``: see ``KVPolicyCache``)."""
     from kvpolicy.hf import KVPolicyCache
 
     v = split_variant(vname)
-    cache = KVPolicyCache(model, pol, defer_insert=v.defer, prefetch=v.prefetch, prefill_chunk=prefill_chunk)
+    cache = KVPolicyCache(model, pol, defer_insert=v.defer, prefetch=v.prefetch, prefill_chunk=prefill_chunk,
+                          cpu_pool_dtype=cpu_pool_dtype)
     for la in _policy_layers(cache):
         la.cuda_graphs = v.graphs
     return cache
@@ -380,7 +383,7 @@ def _warmup_policy(model, vname: str, pol, cfg: DecodeBenchConfig) -> None:
     if n <= (cfg.budget or 0):
         return
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(2))
-    cache = policy_cache(model, vname, pol, cfg.prefill_chunk)
+    cache = policy_cache(model, vname, pol, cfg.prefill_chunk, cfg.cpu_pool_dtype)
     try:
         short = dataclasses.replace(cfg, steps=pol.page_size + 4, breakdown_steps=min(1, cfg.breakdown_steps))
         _run_variant(model, ids.to(model.device), cache, short)
@@ -439,7 +442,10 @@ def bench_decode(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
-        cache = DynamicCache(config=model.config) if pol is None else policy_cache(model, vname, pol, cfg.prefill_chunk)
+        if pol is None:
+            cache = DynamicCache(config=model.config)
+        else:
+            cache = policy_cache(model, vname, pol, cfg.prefill_chunk, cfg.cpu_pool_dtype)
         try:
             if vname == DENSE_GRAPHS:
                 if dev.type != "cuda":

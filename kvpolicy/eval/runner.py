@@ -16,6 +16,7 @@ error rows of failed cells are tried again and replaced (``kvpolicy.eval.results
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,7 @@ from kvpolicy.eval.tasks import TaskSample, make_sample, score_sample
 from kvpolicy.generation import prefill
 from kvpolicy.hf import KVPolicyCache, policy_attention
 from kvpolicy.policy import Policy, split_placement
+from kvpolicy.pool_dtype import check_pool_dtype
 from kvpolicy.prefetch import split_prefetch
 
 __all__ = ["EvalJob", "QHIDDEN_SUFFIX", "eval_jobs", "read_rows", "row_key", "run_eval"]
@@ -55,11 +57,16 @@ class EvalJob:
         return self.policy.selector_cls.needs_prompt_queries
 
 
-def eval_jobs(policies: Sequence[str], budgets: Sequence[int]) -> list[EvalJob]:
+def eval_jobs(policies: Sequence[str], budgets: Sequence[int], cpu_pool_dtype: str | None = None) -> list[EvalJob]:
     """Every (policy, budget); policies that read every page (``full``) once, unlimited; ``snapkv`` also with the
     question hidden. A name may carry a placement, ``NAME[@INDEX_DEVICE][:TRANSFER]`` (``icecache@cuda:uva``):
     it changes where the work runs, not the rows' policy label (the placement is in ``policy_config``).
+    ``cpu_pool_dtype`` (``None``: each policy's own, ``"auto"`` unless it says otherwise) sets how every policy's
+    CPU pages are stored; fp8 changes the results, so those labels end in ``+fp8`` (``icecache+fp8``: rows of both
+    can share a file and be compared with ``report --compare icecache,icecache+fp8``).
     Unknown names, bad budgets and one policy placed twice fail here, before any model work."""
+    if cpu_pool_dtype is not None:
+        check_pool_dtype(cpu_pool_dtype)
     jobs: list[EvalJob] = []
     seen: dict[str, str] = {}
     for spec in policies:
@@ -72,6 +79,10 @@ def eval_jobs(policies: Sequence[str], budgets: Sequence[int]) -> list[EvalJob]:
         seen[name + suffix] = spec
         hidden = name.endswith(QHIDDEN_SUFFIX)
         base = Policy.resolve(name[: -len(QHIDDEN_SUFFIX)] if hidden else name).placed(index_device, transfer)
+        if cpu_pool_dtype is not None:
+            base = dataclasses.replace(base, cpu_pool_dtype=cpu_pool_dtype)
+        tag = "" if base.cpu_pool_dtype == "auto" else f"+{base.cpu_pool_dtype}"
+        suffix += tag
         if hidden and not base.selector_cls.needs_prompt_queries:
             raise ValueError(f"{name!r}: only prefill-scoring selectors (snapkv, h2o) have a question-hidden mode")
         if not base.selector_cls.uses_budget:
@@ -82,7 +93,7 @@ def eval_jobs(policies: Sequence[str], budgets: Sequence[int]) -> list[EvalJob]:
         if base.selector.name == "snapkv" and not hidden and not any(
             split_placement(p)[0] == f"{name}{QHIDDEN_SUFFIX}" for p in policies
         ):
-            jobs += [EvalJob(f"{name}{QHIDDEN_SUFFIX}", b, base.with_budget(b), True) for b in budgets]
+            jobs += [EvalJob(f"{name}{QHIDDEN_SUFFIX}{tag}", b, base.with_budget(b), True) for b in budgets]
     return jobs
 
 
@@ -125,8 +136,6 @@ def _policy_for(job: EvalJob, sample: TaskSample) -> Policy:
         raise ValueError(f"task {sample.task!r} has no question span to hide")
     offset = sample.context_tokens - sample.question_span[0]  # the window ends where the question starts
     sel = {**job.policy.selector.to_config(), "obs_offset": offset}
-    import dataclasses
-
     return dataclasses.replace(job.policy, selector=sel)
 
 
@@ -164,6 +173,7 @@ def run_eval(
     continuation: int = 64,
     progress: bool = True,
     prefill_chunk: int | None = None,
+    cpu_pool_dtype: str | None = None,
     failed: list[dict[str, Any]] | None = None,
     allow_overflow: bool = False,
 ) -> list[dict[str, Any]]:
@@ -171,14 +181,15 @@ def run_eval(
     generated samples (``--task-file``): then ``tasks``/``lengths``/``samples`` are ignored. ``fidelity`` adds,
     per length, one row per (policy, budget) of attention fidelity and perplexity on the essays
     (``kvpolicy.eval.fidelity``). ``prefill_chunk`` streams the shared dense prefill, that many tokens per forward
-    (exact: the same rows, less activation memory). Cells that fail are written as rows with an ``error`` (and
+    (exact: the same rows, less activation memory). ``cpu_pool_dtype="fp8"``: every policy's CPU pages in fp8, rows
+    labelled ``NAME+fp8`` (``eval_jobs``). Cells that fail are written as rows with an ``error`` (and
     appended to ``failed``); a rerun tries them again and replaces those rows. An advisory lock on ``out`` refuses
     a second concurrent writer (``ResultsLockedError``). A sample whose prompt plus answer tokens exceed the
     model's maximum position is a ``ContextLengthError`` before any model work, unless ``allow_overflow``."""
     from rich.progress import Progress
     from transformers import DynamicCache
 
-    jobs = eval_jobs(policies, budgets)
+    jobs = eval_jobs(policies, budgets, cpu_pool_dtype)
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if samples_source is None:
         for L in lengths:

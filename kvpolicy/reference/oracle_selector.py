@@ -25,7 +25,7 @@ def page_attention_mass(query: torch.Tensor, ctx: SelectContext) -> torch.Tensor
     P = int(ctx.num_pages.max()) if ctx.num_pages.numel() else 0
     B, H, S, D = pool.batch_size, pool.num_kv_heads, pool.page_size, pool.head_dim
     G = query.shape[1] // H
-    k = pool.k[:, :, :P].float().reshape(B, H, P * S, D)  # [B, H, P*S, D]
+    k = pool.read_range(0, P, dtype=torch.float32)[0].reshape(B, H, P * S, D)  # [B, H, P*S, D] (dequantised)
     valid = (torch.arange(S) < pool.lengths[:, :, :P].unsqueeze(-1).cpu()).reshape(B, H, 1, P * S)
     q = query.to(k.device).float().view(B, H, G, D)
     logits = torch.einsum("bhgd,bhtd->bhgt", q, k) * ctx.scaling  # [B, H, G, P*S]

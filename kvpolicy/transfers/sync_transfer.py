@@ -1,4 +1,5 @@
-"""``sync``: a plain blocking page copy (gather, copy, scatter) on the current stream."""
+"""``sync``: a plain blocking page copy (gather, copy, scatter) on the current stream; an fp8 pool's pages cross
+as fp8 and are dequantised on the destination device."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from kvpolicy.interfaces import Transfer
 from kvpolicy.pool import PagePool
+from kvpolicy.pool_dtype import dequantize
 from kvpolicy.types import TransferHandle
 
 __all__ = ["SyncTransfer", "check_transfer_args", "page_rows"]
@@ -58,14 +60,15 @@ class SyncTransfer(Transfer):
         if b.numel() == 0:
             return TransferHandle(num_pages=0, nbytes=0)
         sd, dd = src_pool.device, dst_pool.device
-        k = src_pool.k[b.to(sd), h.to(sd), p.to(sd)]  # [M, S, D]
-        v = src_pool.v[b.to(sd), h.to(sd), p.to(sd)]
+        rows = b * src_pool.num_kv_heads + h
+        k, v, ks, vs = src_pool.gather_raw(rows, p)  # [M, S, D] as stored, scales [M] (fp8) or None
         ln = src_pool.lengths[b.to(sd), h.to(sd), p.to(sd)]
+        nbytes = k.nbytes + v.nbytes + (ks.nbytes + vs.nbytes if ks is not None else 0)
         bd, hd, sdst = b.to(dd), h.to(dd), s.to(dd)
-        dst_pool.k[bd, hd, sdst] = k.to(dd)
-        dst_pool.v[bd, hd, sdst] = v.to(dd)
+        dst_pool.k[bd, hd, sdst] = dequantize(k.to(dd), None if ks is None else ks.to(dd), dst_pool.dtype)
+        dst_pool.v[bd, hd, sdst] = dequantize(v.to(dd), None if vs is None else vs.to(dd), dst_pool.dtype)
         dst_pool.lengths[bd, hd, sdst] = ln.to(dd)
-        return TransferHandle(num_pages=int(b.numel()), nbytes=k.nbytes + v.nbytes)
+        return TransferHandle(num_pages=int(b.numel()), nbytes=nbytes)
 
     def wait(self, handle: TransferHandle) -> None:
         return None

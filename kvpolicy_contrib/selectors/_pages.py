@@ -23,10 +23,11 @@ def page_keys(pool: PagePool, page_ids: torch.Tensor, device: torch.device | str
     B, H, M = page_ids.shape
     S, D = pool.page_size, pool.head_dim
     ids = page_ids.to(pool.device).clamp(min=0)
-    k = pool.k.gather(2, ids.view(B, H, M, 1, 1).expand(B, H, M, S, D))  # [B, H, M, S, D]
+    rows = torch.arange(B * H, device=pool.device).repeat_interleave(M)  # [B*H*M] the (b, head) row of each page
+    k = pool.read_pages(rows, ids.reshape(-1), dtype=torch.float32, values=False)[0].view(B, H, M, S, D)
     lens = torch.where(page_ids.to(pool.device) >= 0, pool.lengths.gather(2, ids), 0)  # [B, H, M]
     valid = torch.arange(S, device=pool.device) < lens.unsqueeze(-1)  # [B, H, M, S]
-    return k.to(device=device, dtype=torch.float32), valid.to(device)
+    return k.to(device=device), valid.to(device)
 
 
 def page_valid(ctx: SelectContext, P: int, device: torch.device) -> torch.Tensor:
