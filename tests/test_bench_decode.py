@@ -134,3 +134,31 @@ def test_policy_warmup_runs_each_variant_untimed_first(tiny, monkeypatch):
     bench_decode(tiny, DecodeBenchConfig(policies=["quest"], budget=64, lengths=[512], steps=3, breakdown_steps=0,
                                          dense=False, policy_warmup=False), progress=False)
     assert seen == [(512, 3)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 100, 127])
+def test_static_decode_attention_reads_only_the_written_positions(n, device):
+    """The captured dense baseline's attention: a one-token query over a static buffer of 130 positions (8 pages of
+    16 and a tail of 2) attends to the first ``n`` positions exactly as SDPA over those alone; what lies beyond
+    (garbage here) never counts. Outside ``static_decode`` the call is SDPA's."""
+    import torch
+
+    from kvpolicy.bench.static_attention import static_decode, static_decode_attention
+
+    g = torch.Generator().manual_seed(n)
+    B, Hq, H, L, D = 1, 8, 2, 130, 32
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = torch.randn(B, H, L, D, generator=g), torch.randn(B, H, L, D, generator=g)
+    k[:, :, n:] = 1e4  # garbage beyond the written positions
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :n].repeat_interleave(Hq // H, 1), v[:, :, :n].repeat_interleave(Hq // H, 1), scale=0.2)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, Hq // H
+    with static_decode(torch.tensor([n], device=device)):
+        out, _ = static_decode_attention(module, q, k, v, None, scaling=0.2)  # CUDA: the Triton split-K kernel
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="int64"):
+        with static_decode(torch.tensor([n], dtype=torch.int32)):
+            pass

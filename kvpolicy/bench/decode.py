@@ -258,61 +258,73 @@ def _run_variant(model, ids: torch.Tensor, cache, cfg: DecodeBenchConfig) -> dic
 def _run_dense_static(model, ids: torch.Tensor, cfg: DecodeBenchConfig, capture: bool) -> dict[str, Any]:
     """The dense baseline without the host cost of eager decoding: a ``StaticCache`` sized for the run, and
     each decode step (the whole model) replayed from one CUDA graph (``capture``; eager otherwise, for tests).
-    TTST includes the capture. Every step attends over the cache's full length with a mask, as static caches
-    do, so SDPA needs a backend that takes masks (not flash)."""
+    TTST includes the capture. The prefill runs SDPA; each one-token step reads the static buffers split-K,
+    only up to the positions written so far (``kvpolicy.bench.static_attention``)."""
     from transformers import StaticCache
+
+    from kvpolicy.bench import static_attention
 
     dev = model.device
     L = ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=L + cfg.steps + 4)
-    _sync(dev)
-    t0 = time.perf_counter()
-    out = model(ids, **cache_kwargs(cache), use_cache=True, cache_position=torch.arange(L, device=dev),
-                logits_to_keep=1)
-    tok = out.logits[:, -1:].argmax(-1)  # [1, 1] the step's input, fixed storage
-    _sync(dev)
-    ttft = time.perf_counter() - t0
-    pos = torch.tensor([L], device=dev)  # [1] cache position of the step's token
-
-    def forward() -> torch.Tensor:  # -> [1, 1] next token
-        return model(tok, **cache_kwargs(cache), use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1)
-
-    t1 = time.perf_counter()
-    if capture:
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up (writes position L, which the first replay writes again)
-            forward()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with graph_capture(graph):
-            nxt = forward()
-
-        def run() -> torch.Tensor:
-            graph.replay()
-            return nxt
-    else:
-        run = forward
-    setup = time.perf_counter() - t1
-
-    tokens = [tok.clone()]
-
-    def step() -> float:
-        t = time.perf_counter()
-        tok.copy_(run())
-        pos.add_(1)
+    static_attention.register()
+    before = model.config._attn_implementation
+    model.set_attn_implementation(static_attention.NAME)
+    try:
         _sync(dev)
-        tokens.append(tok.clone())
-        return time.perf_counter() - t
+        t0 = time.perf_counter()
+        out = model(ids, **cache_kwargs(cache), use_cache=True, cache_position=torch.arange(L, device=dev),
+                    logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)  # [1, 1] the step's input, fixed storage
+        _sync(dev)
+        ttft = time.perf_counter() - t0
+        pos = torch.tensor([L], device=dev)  # [1] cache position of the step's token
+        valid = pos + 1  # [1] positions the step attends to (its own included)
 
-    first = step()
-    times = [step() for _ in range(cfg.steps)]
+        def forward() -> torch.Tensor:  # -> [1, 1] next token
+            with static_attention.static_decode(valid):
+                out = model(tok, **cache_kwargs(cache), use_cache=True, cache_position=pos)
+            return out.logits[:, -1:].argmax(-1)
+
+        t1 = time.perf_counter()
+        if capture:
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up (writes position L, which the first replay writes again)
+                forward()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with graph_capture(graph):
+                nxt = forward()
+
+            def run() -> torch.Tensor:
+                graph.replay()
+                return nxt
+        else:
+            run = forward
+        setup = time.perf_counter() - t1
+
+        tokens = [tok.clone()]
+
+        def step() -> float:
+            t = time.perf_counter()
+            tok.copy_(run())
+            pos.add_(1)
+            valid.add_(1)
+            _sync(dev)
+            tokens.append(tok.clone())
+            return time.perf_counter() - t
+
+        first = step()
+        times = [step() for _ in range(cfg.steps)]
+    finally:
+        model.set_attn_implementation(before)
     kv = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers if getattr(x, "keys", None) is not None)
-    return {**_timing_row(ttft, ttft + setup + first, times, tokens), "device_kv_bytes": kv, "cpu_kv_bytes": 0, "index_bytes": 0, "index_device_bytes": 0, "selector_device_bytes": 0,
-            "device_kv_fraction": 1.0}
+    return {**_timing_row(ttft, ttft + setup + first, times, tokens), "device_kv_bytes": kv, "cpu_kv_bytes": 0,
+            "index_bytes": 0, "index_device_bytes": 0, "selector_device_bytes": 0, "device_kv_fraction": 1.0}
 
 
-# The static cache attends through a mask, which flash attention does not take: a masked call goes to the
+# The static cache's prefill attends through a mask, which flash attention does not take: a masked call goes to the
 # efficient kernel. Transformers passes no mask (and GQA to SDPA) where it can skip one, which only flash takes.
 _STATIC_BACKENDS = {"flash": ("flash", "efficient")}
 
