@@ -92,6 +92,10 @@ class IceCacheSelector(Selector):
             return None
         return layer - (layer - self.first_anchor) % self.reuse_group
 
+    @property
+    def shardable(self) -> bool:  # per-head budgets share a row's pages among its KV heads, which TP spreads over ranks
+        return self.head_budget == "uniform"
+
     def max_pages_per_head(self, k: int) -> int:
         return k if self.head_budget == "uniform" else math.ceil(self.head_budget_max * k)
 

@@ -183,6 +183,15 @@ def test_share_pages_gives_flat_heads_more_with_the_total_fixed():
     assert (few >= 0).sum().item() == 2 * k and (few[0, 1] >= 0).sum().item() == 3
 
 
+def test_per_head_budget_is_not_shardable():
+    from kvpolicy.distributed import check_shardable
+
+    check_shardable(Policy.preset("icecache", selector={"name": "icecache", "gqa_merge": "max"}, budget=64))
+    with pytest.raises(ValueError, match="not shardable"):
+        check_shardable(Policy.preset("icecache", budget=64,
+                                      selector={"name": "icecache", "gqa_merge": "max", "head_budget": "mass"}))
+
+
 def test_per_head_budget_holds_the_total_in_a_layer():
     keys, values = _kv(seed=5)
     pol = Policy(selector={"name": "icecache", "gqa_merge": "max", "head_budget": "mass"}, index="dci_tree",
