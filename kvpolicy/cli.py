@@ -47,6 +47,16 @@ def _fixed_chunk(s: str) -> int | None:
     return v
 
 
+def _page_size(s: str) -> int | str:
+    s = s.strip().lower()
+    if s == "auto":
+        return "auto"
+    try:
+        return int(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"page size must be a number of tokens or 'auto', got {s!r}") from e
+
+
 def _int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -163,6 +173,18 @@ def _index_args(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def _policy_args(items: list[str]) -> dict:
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not (sep and key.strip()):
+            raise ValueError(f"argument {item!r} is not KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def cmd_ablate(args) -> int:
     from rich.console import Console
 
@@ -179,7 +201,8 @@ def cmd_ablate(args) -> int:
     rows = ablation_rows(model, tok, indexes=args.index, selector=args.selector, budgets=args.budget,
                          lengths=lengths, n_queries=args.queries, layers=args.layers,
                          index_args=_index_args(args.index_arg), selector_args=_index_args(args.selector_arg),
-                         page_size=args.page_size, model_name=args.model)
+                         page_size=args.page_size, policy_args=_policy_args(args.policy_arg),
+                         model_name=args.model)
     Console(width=max(140, Console().width)).print(render_ablation_table(rows))
     if args.json:
         write_jsonl(rows, args.json)
@@ -493,13 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated selector names; NAME:tag names a variant set by --selector-arg")
     s.add_argument("--budget", type=_int_list, default=[64, 128, 256], help="comma-separated token budgets")
     s.add_argument("--length", type=_str_list, default=["4k"], help="comma-separated lengths (4k, 8k, 4096)")
-    s.add_argument("--page-size", type=int, default=16, help="page size of every policy in the grid")
+    s.add_argument("--page-size", type=_page_size, default=16,
+                   help="page size of every policy in the grid, or 'auto' (chosen from the budget: 4 at <= 64 tokens, "
+                        "8 at <= 128, else 16)")
     s.add_argument("--queries", type=int, default=16, help="decode-position queries per layer")
     s.add_argument("--layers", type=_int_list, default=None, help="comma-separated layer indexes (default: all)")
     s.add_argument("--index-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="index hyperparameter, e.g. dci_tree.device=cuda (repeatable)")
     s.add_argument("--selector-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="selector hyperparameter, e.g. arkvale:sphere.digest=sphere_max (repeatable)")
+    s.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy field of every policy in the grid, e.g. 'split_tokens={64: [8, 8]}' (repeatable)")
     s.add_argument("--json", default=None, help="append one JSON object per row to this file")
     s.set_defaults(fn=cmd_ablate)
 

@@ -420,7 +420,7 @@ class KVPolicyCache(_get_dynamic_cache()):
             return None if self.can_extend() else DEFAULT_PREFILL_CHUNK
         if chunk is None:
             return None
-        S = self.policy.page_size
+        S = self.policy.resolved_page_size
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0 or chunk % S:
             raise ValueError(f"prefill_chunk must be a positive multiple of the page size {S} (or None), got {chunk!r}")
         why = self.can_extend()

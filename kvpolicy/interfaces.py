@@ -86,6 +86,11 @@ class Index(Part):
     * ``search(queries, k)`` takes queries ``[B, Hq, D]`` (Hq a multiple of Hkv; the query heads of a GQA
       group share their KV head's pages) and returns a ``Selection`` of at most ``k`` distinct pages per
       (b, KV head), best first, PAD-padded. ``k`` larger than the number of pages returns them all.
+      ``gqa_merges`` lists the GQA merge rules it accepts in ``params.gqa_merge`` (``kvpolicy.ops.GQA_MERGES``;
+      None means ``"interleave"``, which every index supports); under ``"max"``/``"mean"`` the selection's
+      ``scores`` hold the merged page scores, ``-inf`` on padding. An index that lists more than interleave
+      rejects a rule it does not list (ValueError); one that lists only interleave ignores the field, so a caller
+      that asks for another rule checks ``gqa_merges`` first (``IceCacheSelector`` does).
     * ``num_pages`` ``[B, Hkv]``, ``num_tokens`` and ``nbytes`` (index metadata bytes, keys it keeps for
       scoring included; ``device_nbytes``: how many of them sit on the accelerator) describe the current state;
       ``reset()`` empties it.
@@ -93,6 +98,7 @@ class Index(Part):
 
     kind: ClassVar[str] = "index"
     supports_add: ClassVar[bool] = False
+    gqa_merges: ClassVar[tuple[str, ...]] = ("interleave",)
     device: str = "cpu"  # where search runs
 
     @abstractmethod
@@ -103,6 +109,13 @@ class Index(Part):
 
     def add(self, keys: torch.Tensor) -> PageLayout:
         raise self._unsupported("add()")
+
+    def merge_rule(self, params: SearchParams | None) -> str:
+        """The GQA merge rule asked for in ``params`` (``"interleave"`` if none), checked against ``gqa_merges``."""
+        from kvpolicy.ops import check_gqa_merge
+
+        rule = "interleave" if params is None or params.gqa_merge is None else params.gqa_merge
+        return check_gqa_merge(rule, self.gqa_merges, f"gqa_merge of index {self.name!r}")
 
     @abstractmethod
     def reset(self) -> None: ...
@@ -143,7 +156,10 @@ class Selector(Part):
       the index's layout (e.g. to compute page bounds). ``update(keys, layout, ctx)`` runs after each
       ``Index.add`` with the added keys and the layout of the changed pages.
     * ``select(query, ctx)`` takes the current query ``[B, Hq, D]`` and returns a valid ``Selection`` with at
-      most ``ctx.k`` pages per (b, KV head) (``ctx.k`` is every page for an unlimited budget).
+      most ``ctx.k`` pages per (b, KV head) (``ctx.k`` is every page for an unlimited budget). A selector that
+      moves pages between the KV heads of a batch row (per-head budgets) may give one head up to
+      ``max_pages_per_head(ctx.k)`` pages, as long as the row holds at most ``Hkv * ctx.k`` in all; the layer
+      sizes the GPU working set of each head by ``max_pages_per_head``.
     * ``requires_index``: the selector calls ``ctx.index.search``; ``query_aware``: the selection depends on
       the query; ``uses_budget = False`` marks selectors that always read every page (``full``).
     * ``needs_prompt_queries``: ``prepare`` reads ``ctx.prompt_queries`` (the prompt's queries ``[B, Hq, T, D]``,
@@ -185,6 +201,11 @@ class Selector(Part):
     def device_nbytes(self) -> int:
         """The part of ``nbytes`` held in accelerator memory (counted in the GPU totals of ``memory()``)."""
         return sum(t.untyped_storage().nbytes() for t in _state_tensors(self) if t.device.type != "cpu")
+
+    def max_pages_per_head(self, k: int) -> int:
+        """Most pages one (b, KV head) may select when the budget allows ``k`` retrieved pages per KV head (see
+        ``select``). Default ``k``: every head gets the same share."""
+        return k
 
     def reads_every_page(self, layer: int) -> bool:
         """Whether ``layer`` attends to every page (its budget is unlimited). Default: no layer."""

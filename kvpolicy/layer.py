@@ -333,7 +333,7 @@ class PolicyLayer:
 
     def _num_slots_needed(self) -> int:
         if self.budget.retrieved_pages is not None:
-            return self.budget.retrieved_pages
+            return self.selector.max_pages_per_head(self.budget.retrieved_pages)
         return self._max_pages  # set by the build from the layout, without reading the index back
 
     def _setup_slots(self, n: int) -> None:
@@ -455,8 +455,13 @@ class PolicyLayer:
         sel = self.selector.select(query, ctx)
         if self.validate:
             sel.validate(ctx.num_pages)
-            if sel.k > ctx.k:
-                raise ValueError(f"selector {self.selector.name!r} returned {sel.k} pages > budget {ctx.k}")
+            cap = self.selector.max_pages_per_head(ctx.k)
+            if sel.k > cap:
+                raise ValueError(f"selector {self.selector.name!r} returned {sel.k} pages > budget {cap} per head")
+            row = int(sel.valid.sum((1, 2)).max()) if sel.page_ids.numel() else 0
+            if row > ctx.k * self.shape[1]:
+                raise ValueError(f"selector {self.selector.name!r} returned {row} pages in a batch row > budget "
+                                 f"{ctx.k} x {self.shape[1]} KV heads")
         return sel
 
     def _reserve_and_submit(self, sel: Selection):

@@ -10,9 +10,14 @@ import torch
 from kvpolicy.types import PAD
 
 __all__ = [
-    "check_tensor", "gqa_merge", "gqa_merge_reference", "page_max_scores", "storage_key", "topk_ids", "topk_pages",
-    "triton_available",
+    "GQA_MERGES", "check_gqa_merge", "check_tensor", "gqa_merge", "gqa_merge_reference", "group_page_scores",
+    "page_max_scores", "rank_group_pages", "share_pages", "storage_key", "topk_ids", "topk_pages", "triton_available",
 ]
+
+# How the query heads of a GQA group share their KV head's pages (``SearchParams.gqa_merge``):
+# "interleave" ranks per query head and interleaves the ranks (gqa_merge, IceCache's rule); "max" and "mean" merge
+# the group's page scores first (group_page_scores) and rank once.
+GQA_MERGES = ("interleave", "max", "mean")
 
 _BIG_ID = 1 << 40  # above any page id; (id * L + pos) stays far below 2**63
 
@@ -54,6 +59,62 @@ def gqa_merge(ranked: torch.Tensor, k: int) -> torch.Tensor:
         if ranked.shape[-2] * ranked.shape[-1] <= MAX_ENTRIES:
             return gqa_merge_triton(ranked, k)
     return gqa_merge_reference(ranked, k)
+
+
+def check_gqa_merge(rule: object, supported: tuple[str, ...] = GQA_MERGES, who: str = "gqa_merge") -> str:
+    """Return ``rule`` if it is one of ``supported``, else raise ValueError listing them."""
+    if rule not in supported:
+        raise ValueError(f"{who} must be one of {', '.join(map(repr, supported))}, got {rule!r}")
+    return rule  # type: ignore[return-value]
+
+
+def group_page_scores(scores: torch.Tensor, rule: str) -> torch.Tensor:
+    """Page scores of a GQA group before ranking. scores: [..., G, P] per query head (``-inf``: not scored) ->
+    ``"interleave"``: unchanged (each head ranks its own pages, then ``gqa_merge``); ``"max"``: [..., 1, P], the
+    best score over the group's heads; ``"mean"``: [..., 1, P], the mean over the heads that scored the page
+    (``-inf`` where none did)."""
+    check_gqa_merge(rule)
+    if rule == "interleave":
+        return scores
+    if rule == "max":
+        return scores.amax(dim=-2, keepdim=True)
+    finite = torch.isfinite(scores)
+    n = finite.sum(dim=-2, keepdim=True)
+    total = torch.where(finite, scores, torch.zeros_like(scores)).sum(dim=-2, keepdim=True)
+    return torch.where(n > 0, total / n.clamp(min=1), torch.full_like(total, float("-inf")))
+
+
+def rank_group_pages(scores: torch.Tensor, k: int, rule: str = "interleave"
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The top ``k`` pages of each KV head from its query heads' page scores, merged by ``rule``: scores
+    [B, Hkv, G, P] -> (ids [B, Hkv, k'] best first, PAD-padded; the merged scores [B, Hkv, k'], ``-inf`` on PAD, or
+    None for ``"interleave"``, whose ranking has no single score)."""
+    B, H = scores.shape[:2]
+    ids, vals = topk_ids(group_page_scores(scores, rule), k)  # [B, H, G', k']
+    if rule == "interleave":
+        return gqa_merge(ids, k), None
+    return ids[:, :, 0], vals[:, :, 0]
+
+
+def share_pages(ids: torch.Tensor, scores: torch.Tensor, k: int, scaling: float = 1.0) -> torch.Tensor:
+    """Per-head budgets: ``Hkv * k`` pages per batch row, shared among its KV heads by attention mass.
+
+    ids/scores: [B, Hkv, C] each head's candidate pages best first (PAD / ``-inf`` padded, C >= k) with scores in
+    q.k units. Each head turns its candidates' scores into a softmax (``scaling * score``); the row keeps the
+    ``Hkv * k`` (head, page) pairs of largest share, each head at least its best page. A head whose attention is
+    flat over its candidates gets more pages than one whose attention sits on a few. Every head keeps a prefix of
+    its ranking (its count of kept pairs), at most C pages. -> ids [B, Hkv, C], PAD past each head's count. No host
+    synchronisation."""
+    B, H, C = ids.shape
+    valid = ids >= 0
+    share = torch.softmax((scores.float() * scaling).masked_fill(~valid, float("-inf")), dim=-1)
+    share = torch.nan_to_num(share, nan=0.0).masked_fill(~valid, -1.0)  # (rows without a candidate: all -1)
+    share[..., :1] = torch.where(valid[..., :1], 2.0, -1.0)  # every head keeps its best page
+    take = min(H * k, H * C)
+    top = share.reshape(B, H * C).topk(take, dim=-1).indices
+    chosen = torch.zeros(B, H * C, dtype=torch.bool, device=ids.device).scatter_(-1, top, True).view(B, H, C)
+    keep = torch.arange(C, device=ids.device) < chosen.sum(-1, keepdim=True)
+    return torch.where(keep & valid, ids, PAD)
 
 
 def topk_pages(scores: torch.Tensor, k: int, num_kv_heads: int) -> torch.Tensor:

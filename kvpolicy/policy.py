@@ -1,5 +1,5 @@
-"""``Policy``: the four parts plus page size, token budget, sink/window pages, dense layers and how the CPU page
-pool stores K/V (``cpu_pool_dtype``: ``"auto"``, the model's dtype, or ``"fp8"``; see ``kvpolicy.pool_dtype``).
+"""``Policy``: the four parts plus page size (fixed, or chosen from the budget), token budget, sink/window pages
+(fixed, or in tokens by budget), dense layers and how the CPU page pool stores K/V (``cpu_pool_dtype``: ``"auto"``, the model's dtype, or ``"fp8"``; see ``kvpolicy.pool_dtype``).
 
 A policy is a frozen description; ``make_parts()`` builds fresh part instances for one layer. It is built
 from keyword arguments, from a dict/YAML file, or from a named preset registered by a plugin::
@@ -64,14 +64,53 @@ class Parts:
 
 _FIELDS = (
     "selector", "index", "allocator", "transfer", "page_size", "budget", "sink_pages", "window_pages",
-    "dense_layers", "search_params", "name", "cpu_pool_dtype",
+    "split_tokens", "dense_layers", "search_params", "name", "cpu_pool_dtype",
 )
+
+PAGE_SIZE_RULES = ("auto",)  # page sizes chosen from the budget (Policy.resolved_page_size)
+
+
+def auto_page_size(budget: int | None) -> int:
+    """``page_size="auto"``: 4 tokens at a budget of at most 64, 8 at most 128, else (and unlimited) 16. At 64
+    tokens the default split (16 + 16 tokens of sink and window) then leaves 8 retrieved pages of 4 instead of 2
+    of 16, at 128 (32 + 32) 8 pages of 8 instead of 4 of 16."""
+    if budget is not None and budget <= 64:
+        return 4
+    if budget is not None and budget <= 128:
+        return 8
+    return 16
+
+
+def _split_table(value: Any) -> dict[int, tuple[int, int]] | None:
+    """Validate ``split_tokens``: ``{max budget: (sink tokens, window tokens)}`` (keys may be strings of ints, as
+    JSON writes them) -> a dict sorted by budget."""
+    if value is None:
+        return None
+    what = "split_tokens must map a budget in tokens to [sink tokens, window tokens], e.g. {64: [8, 8]}"
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{what}; got {value!r}")
+    out = {}
+    for key, pair in value.items():
+        try:
+            bound = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}; key {key!r} is not a budget") from None
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in pair):
+            raise ValueError(f"{what}; got {key!r}: {pair!r}")
+        if bound < 1 or pair[0] < 0 or pair[1] < 1:
+            raise ValueError(f"{what}, with budget >= 1, sink >= 0 and window >= 1 (the current token); got "
+                             f"{key!r}: {list(pair)!r}")
+        out[bound] = (pair[0], pair[1])
+    return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True, kw_only=True)
 class Policy:
-    """A KV selection policy. ``budget`` is in tokens (sink + window + retrieved pages, times ``page_size``);
-    ``None`` means unlimited (every page is attended). ``cpu_pool_dtype``: ``"auto"`` keeps the offloaded pages in
+    """A KV selection policy. ``budget`` is in tokens (sink + window + retrieved pages, times the page size);
+    ``None`` means unlimited (every page is attended). ``page_size``: tokens per page, or ``"auto"`` to choose
+    it from the budget (``auto_page_size``; ``resolved_page_size`` is the one in use). ``split_tokens``: sink and
+    window sizes in tokens by budget (``split()``). ``cpu_pool_dtype``: ``"auto"`` keeps the offloaded pages in
     the model's dtype; ``"fp8"`` stores them as float8_e4m3fn with one scale per (page, head), half the CPU bytes
     and half the bytes per page moved, dequantised on the way to the GPU (``kvpolicy.pool_dtype``)."""
 
@@ -79,10 +118,11 @@ class Policy:
     index: PartSpec = PartSpec("exact")  # pages the offloaded tokens; positional for non-index selectors
     allocator: PartSpec = PartSpec("lru")
     transfer: PartSpec = PartSpec("sync")
-    page_size: int = 16
+    page_size: int | str = 16  # or "auto": chosen from the budget (auto_page_size)
     budget: int | None = None
     sink_pages: int | None = None  # None: 32 tokens' worth (16 below a 128-token budget), see split()
     window_pages: int | None = None  # None: 32 tokens' worth (16 below a 128-token budget), see split()
+    split_tokens: Mapping[int, tuple[int, int]] | None = None  # {max budget: (sink, window) tokens}, see split()
     dense_layers: tuple[int, ...] = ()
     search_params: SearchParams | None = None
     name: str | None = None
@@ -98,12 +138,19 @@ class Policy:
         set_(self, "dense_layers", tuple(sorted({int(x) for x in self.dense_layers})))
         if isinstance(self.search_params, Mapping):
             set_(self, "search_params", SearchParams(**self.search_params))
-        for f in ("page_size", "sink_pages", "window_pages"):
-            v = getattr(self, f)
-            if (v is not None or f == "page_size") and (not isinstance(v, int) or isinstance(v, bool)):
-                raise TypeError(f"{f} must be an int, got {type(v).__name__}")
-        if self.page_size < 1:
+        if isinstance(self.page_size, str):
+            if self.page_size not in PAGE_SIZE_RULES:
+                raise ValueError(f"page_size must be an int >= 1 or one of {', '.join(map(repr, PAGE_SIZE_RULES))}, "
+                                 f"got {self.page_size!r}")
+        elif not isinstance(self.page_size, int) or isinstance(self.page_size, bool):
+            raise TypeError(f"page_size must be an int or 'auto', got {type(self.page_size).__name__}")
+        elif self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        for f in ("sink_pages", "window_pages"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise TypeError(f"{f} must be an int, got {type(v).__name__}")
+        set_(self, "split_tokens", _split_table(self.split_tokens))
         if self.sink_pages is not None and self.sink_pages < 0:
             raise ValueError(f"sink_pages must be >= 0, got {self.sink_pages}")
         if self.window_pages is not None and self.window_pages < 1:
@@ -115,16 +162,16 @@ class Policy:
             if not isinstance(self.budget, int) or isinstance(self.budget, bool):
                 raise TypeError(f"budget must be an int number of tokens or None, got {type(self.budget).__name__}")
             sink, window = self.split()
-            fixed = (sink + window) * self.page_size
-            if self.budget % self.page_size:
+            S = self.resolved_page_size
+            fixed = (sink + window) * S
+            if self.budget % S:
                 raise ValueError(
-                    f"page size {self.page_size} does not divide the budget of {self.budget} tokens; "
-                    f"use a multiple of {self.page_size}"
+                    f"page size {S} does not divide the budget of {self.budget} tokens; use a multiple of {S}"
                 )
             if self.budget < fixed:
                 raise ValueError(
                     f"budget of {self.budget} tokens is smaller than sink + window = ({sink} + "
-                    f"{window}) pages x {self.page_size} = {fixed} tokens"
+                    f"{window}) pages x {S} = {fixed} tokens"
                 )
         self.make_parts()  # validates every part's hyperparameters now, not at the first prefill
 
@@ -159,26 +206,43 @@ class Policy:
     def selector_cls(self) -> type[Selector]:
         return self._cls("selector", self.selector)
 
-    def split(self) -> tuple[int, int]:
-        """(sink pages, window pages). Defaults follow the IceCache paper: 32 sink + 32 window tokens (2 + 2 pages
-        of 16 at 256 tokens); a budget below 128 tokens would leave too little to retrieve, so it defaults to
-        16 + 16 tokens (64 tokens = 1 sink + 1 window + 2 retrieved pages of 16). Token counts are rounded up
-        to whole pages, so every page size gets the same split (page size 1: 32 + 32 single-token pages).
-        Explicit values always win."""
+    @property
+    def resolved_page_size(self) -> int:
+        """Tokens per page at this policy's budget: ``page_size``, or ``auto_page_size(budget)`` for ``"auto"``."""
+        return auto_page_size(self.budget) if self.page_size == "auto" else self.page_size
+
+    def split_in_tokens(self) -> tuple[int, int]:
+        """(sink tokens, window tokens) before rounding to pages. Default, after the IceCache paper: 32 + 32 (2 + 2
+        pages of 16 at 256 tokens); a budget below 128 tokens would leave too little to retrieve, so 16 + 16 there
+        (64 tokens = 1 sink + 1 window + 2 retrieved pages of 16). ``split_tokens`` overrides this for the budgets
+        it covers: the entry with the smallest key >= budget applies (``{64: (8, 8)}``: 8 + 8 tokens at budgets up
+        to 64, the default above; an unlimited budget always takes the default)."""
+        if self.split_tokens and self.budget is not None:
+            for bound, pair in self.split_tokens.items():
+                if self.budget <= bound:
+                    return pair
         small = self.budget is not None and self.budget < 128
-        default = -(-(16 if small else 32) // self.page_size)  # pages, rounded up
-        sink = self.sink_pages if self.sink_pages is not None else default
-        window = self.window_pages if self.window_pages is not None else default
+        return (16, 16) if small else (32, 32)
+
+    def split(self) -> tuple[int, int]:
+        """(sink pages, window pages): ``split_in_tokens()`` rounded up to whole pages, so every page size keeps
+        the same token counts (page size 1: 32 + 32 single-token pages; 4: 8 + 8 pages at 256 tokens). A window
+        has at least one page (the current token's). Explicit ``sink_pages``/``window_pages`` always win."""
+        S = self.resolved_page_size
+        sink_t, window_t = self.split_in_tokens()
+        sink = self.sink_pages if self.sink_pages is not None else -(-sink_t // S)
+        window = self.window_pages if self.window_pages is not None else max(1, -(-window_t // S))
         return sink, window
 
     def resolve_budget(self) -> Budget:
         """The budget in pages (unlimited for ``budget=None`` or a selector that reads every page)."""
         sink, window = self.split()
+        S = self.resolved_page_size
         if self.budget is None or not self.selector_cls.uses_budget:
             retrieved = None
         else:
-            retrieved = self.budget // self.page_size - sink - window
-        return Budget(self.page_size, sink, window, retrieved)
+            retrieved = self.budget // S - sink - window
+        return Budget(S, sink, window, retrieved)
 
     def with_budget(self, budget: int | None) -> Policy:
         return dataclasses.replace(self, budget=budget)
@@ -217,6 +281,8 @@ class Policy:
             "window_pages": self.window_pages,
             "dense_layers": list(self.dense_layers),
         }
+        if self.split_tokens is not None:  # only when set: configs (and result rows) of earlier runs are unchanged
+            cfg["split_tokens"] = {b: list(pair) for b, pair in self.split_tokens.items()}
         if self.search_params is not None:
             cfg["search_params"] = dataclasses.asdict(self.search_params)
         if self.name:

@@ -226,12 +226,12 @@ class SelectorConformance(_Requires):
     selector_cls: ClassVar[type[Selector]]
     selector_kwargs: ClassVar[dict[str, Any]] = {}
     index: ClassVar[str] = "exact"
-    page_size: ClassVar[int] = 16
+    page_size: ClassVar[int | str] = 16  # or "auto" (chosen from each budget)
+    policy_kwargs: ClassVar[dict[str, Any]] = {}  # further Policy fields, e.g. split_tokens
     budgets: ClassVar[tuple[int, ...]] = (64, 128, 256)
     finds_planted_page: ClassVar[bool | None] = None  # None: True for query-aware selectors
 
-    def _layer(self, budget, keys, values):
-        from kvpolicy.layer import PolicyLayer
+    def _policy(self, budget):
         from kvpolicy.policy import Policy
         from kvpolicy.registry import Registry, get_registry
 
@@ -239,9 +239,13 @@ class SelectorConformance(_Requires):
         if ("selector", self.selector_cls.name) not in reg or reg.get("selector", self.selector_cls.name) is not self.selector_cls:
             reg = Registry()
             reg.register(_single_plugin(self.selector_cls), name=f"conformance-{self.selector_cls.name}")
-        pol = Policy(selector={"name": self.selector_cls.name, **self.selector_kwargs}, index=self.index,
-                     page_size=self.page_size, budget=budget, registry=reg)
-        layer = PolicyLayer(pol, 0, validate=True)
+        return Policy(selector={"name": self.selector_cls.name, **self.selector_kwargs}, index=self.index,
+                      page_size=self.page_size, budget=budget, registry=reg, **self.policy_kwargs)
+
+    def _layer(self, budget, keys, values):
+        from kvpolicy.layer import PolicyLayer
+
+        layer = PolicyLayer(self._policy(budget), 0, validate=True)
         queries = None
         if self.selector_cls.needs_prompt_queries:  # prompt queries near the keys, GQA 2 like the decode queries
             g = torch.Generator().manual_seed(11)
@@ -263,13 +267,15 @@ class SelectorConformance(_Requires):
             sel = self.selector_cls.select(layer.selector, torch.randn(1, 4, 32), ctx)
             sel.validate(ctx.num_pages)
             assert sel.page_ids.shape[:2] == (1, 2)
-            assert sel.k <= ctx.k, f"{sel.k} pages selected, budget allows {ctx.k}"
+            cap = layer.selector.max_pages_per_head(ctx.k)
+            assert sel.k <= cap, f"{sel.k} pages selected, budget allows {cap} per head"
+            assert int(sel.valid.sum((1, 2)).max()) <= sel.page_ids.shape[1] * ctx.k, "more pages than the row budget"
 
     def test_decode_steps_run_and_insert_pages(self):
         keys, values = self._data()
         layer = self._layer(self.budgets[0], keys, values)
         g = torch.Generator().manual_seed(7)
-        for _ in range(2 * self.page_size + 1):
+        for _ in range(2 * layer.budget.page_size + 1):
             out = layer.decode(torch.randn(1, 4, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g),
                                torch.randn(1, 2, 1, 32, generator=g), scaling=32**-0.5)
             assert out.shape == (1, 4, 32) and torch.isfinite(out).all()
@@ -292,11 +298,12 @@ class SelectorConformance(_Requires):
             pytest.skip(f"{self.selector_cls.name} is not expected to find a planted page")
         keys, values = self._data(seed=4)
         q = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(9))
-        needle = 32 + 5 * self.page_size + 3  # token in the 6th offloaded page
+        b = self._policy(max(self.budgets)).resolve_budget()
+        needle = b.sink_tokens + 5 * b.page_size + 3  # token in the 6th offloaded page
         keys[:, 0, needle] = q[:, 0] / q[:, 0].norm() * 40.0  # one key dominates KV head 0's attention
         layer = self._layer(max(self.budgets), keys, values)
         sel = layer.selector.select(q, layer.context(scaling=32**-0.5))
-        page = int(layer.cpu_pool.token_page[0, 0, needle - 32])
+        page = int(layer.cpu_pool.token_page[0, 0, needle - b.sink_tokens])
         assert page in sel.page_ids[0, 0].tolist()
 
 

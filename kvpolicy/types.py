@@ -113,7 +113,8 @@ class PageLayout:
 class Selection:
     """Pages each (batch row, KV head) attends to at one step, besides its sink and recent window.
 
-    Rows are unique and PAD-padded at the end; ``page_ids.shape[-1]`` is at most the retrieved-page budget.
+    Rows are unique and PAD-padded at the end; ``page_ids.shape[-1]`` is at most the retrieved-page budget (or the
+    selector's ``max_pages_per_head`` of it, see ``Selector``).
     """
 
     page_ids: torch.Tensor  # [B, Hkv, K] int64, PAD-padded
@@ -182,6 +183,7 @@ class SearchParams:
     prop_to_visit: float | None = None
     nprobe: int | None = None
     ef_search: int | None = None
+    gqa_merge: str | None = None  # None: "interleave"; see Index.gqa_merges and kvpolicy.ops.GQA_MERGES
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import Index
+from kvpolicy.ops import GQA_MERGES
 from kvpolicy_icecache.dci_tree.build import TreeBuild
 from kvpolicy_icecache.dci_tree.insert import TreeInsert
 from kvpolicy_icecache.dci_tree.mirror import TreeMirror
@@ -63,6 +64,7 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
 
     name: ClassVar[str] = "dci_tree"
     supports_add: ClassVar[bool] = True
+    gqa_merges: ClassVar[tuple[str, ...]] = GQA_MERGES  # SearchParams.gqa_merge (kvpolicy_icecache.dci_tree.search)
     # conformance sweep (tests/test_conformance.py) runs tiny(): recall@8 measured 1.0 on the suite's data,
     # 0.875..1.0 (mean 0.96) over 10 key seeds
     conformance: ClassVar[dict] = {"min_recall": 0.8}

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from kvpolicy.interfaces import Selector
-from kvpolicy.ops import storage_key
+from kvpolicy.ops import GQA_MERGES, check_gqa_merge, share_pages, storage_key
 from kvpolicy.types import PAD, SearchParams, SelectContext, Selection
 
-__all__ = ["IceCacheSelector"]
+__all__ = ["HEAD_BUDGETS", "IceCacheSelector"]
+
+HEAD_BUDGETS = ("uniform", "mass")  # how the retrieved pages are shared among the KV heads (IceCacheSelector)
 
 
 @dataclass(kw_only=True)
@@ -29,6 +32,19 @@ class IceCacheSelector(Selector):
     Layer reuse (``reuse=True``, preset ``icecache-reuse``): anchor layers ``first_anchor, first_anchor +
     reuse_group, ...`` (reference: 2, 5, 8, ...) search; the next ``reuse_group - 1`` layers reuse the
     anchor's selection while laying out their own K/V in the anchor's pages (``follows_layer``).
+
+    Options beyond the paper (defaults = the paper's configuration, kept as preset ``icecache-paper``):
+
+    * ``gqa_merge``: how a GQA group's query heads share their KV head's pages (``kvpolicy.ops.GQA_MERGES``):
+      ``"interleave"`` (the paper: each head ranks, ranks interleaved), ``"max"`` (pages ranked by their best
+      score over the group's heads), ``"mean"`` (by the mean over the heads). Passed to the index as
+      ``SearchParams.gqa_merge``; the index must list the rule in ``gqa_merges`` (``dci_tree`` and ``exact`` do).
+    * ``head_budget``: ``"uniform"`` (the paper: ``k`` retrieved pages per KV head) or ``"mass"``: the row's
+      ``Hkv * k`` pages are shared among its KV heads by attention mass (``kvpolicy.ops.share_pages``): each head
+      ranks ``max_pages_per_head(k) = ceil(head_budget_max * k)`` candidates and heads whose attention is flat
+      over them get more pages, peaked ones fewer (at least one). It needs page scores, so a score-based
+      ``gqa_merge`` (``"max"`` or ``"mean"``). The GPU working set holds the per-head cap: ``head_budget_max``
+      times the slots of ``"uniform"``, of which ``Hkv * k`` are attended per step.
     """
 
     name: ClassVar[str] = "icecache"
@@ -42,6 +58,9 @@ class IceCacheSelector(Selector):
     reuse: bool = False
     first_anchor: int = 2
     reuse_group: int = 3
+    gqa_merge: str = "interleave"
+    head_budget: str = "uniform"
+    head_budget_max: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.fov_ratio <= 1:
@@ -54,6 +73,15 @@ class IceCacheSelector(Selector):
                 raise ValueError(f"{f} must be in (0, 1] or None, got {v}")
         if self.first_anchor < 0 or self.reuse_group < 1:
             raise ValueError("first_anchor must be >= 0 and reuse_group >= 1")
+        check_gqa_merge(self.gqa_merge, GQA_MERGES, "icecache gqa_merge")
+        check_gqa_merge(self.head_budget, HEAD_BUDGETS, "icecache head_budget")
+        v = self.head_budget_max
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= v <= 16.0:
+            raise ValueError(f"head_budget_max must be a number in [1, 16] (pages per head, in units of the uniform "
+                             f"share), got {v!r}")
+        if self.head_budget == "mass" and self.gqa_merge == "interleave":
+            raise ValueError("icecache head_budget='mass' shares pages by their scores: it needs gqa_merge 'max' or "
+                             "'mean' (interleaved ranks carry no score), got gqa_merge='interleave'")
         self._follow_key: tuple | None = None  # a following layer's last capture key (see capture_key)
 
     def is_anchor(self, layer: int) -> bool:
@@ -64,6 +92,13 @@ class IceCacheSelector(Selector):
             return None
         return layer - (layer - self.first_anchor) % self.reuse_group
 
+    @property
+    def shardable(self) -> bool:  # per-head budgets share a row's pages among its KV heads, which TP spreads over ranks
+        return self.head_budget == "uniform"
+
+    def max_pages_per_head(self, k: int) -> int:
+        return k if self.head_budget == "uniform" else math.ceil(self.head_budget_max * k)
+
     def search_params(self, ctx: SelectContext) -> SearchParams:
         base = ctx.search_params or SearchParams()
         fov = base.field_of_view or max(int(self.fov_ratio * ctx.seq_len), self.min_field_of_view)
@@ -71,8 +106,13 @@ class IceCacheSelector(Selector):
             field_of_view=fov,
             prop_to_retrieve=base.prop_to_retrieve if base.prop_to_retrieve is not None else self.prop_to_retrieve,
             prop_to_visit=base.prop_to_visit if base.prop_to_visit is not None else self.prop_to_visit,
+            gqa_merge=None if self.gqa_merge == "interleave" else self.gqa_merge,
             extra=base.extra,
         )
+
+    def _shares(self, ctx: SelectContext) -> bool:
+        """Whether this step shares pages among heads (a limited budget, below the index's pages)."""
+        return self.head_budget != "uniform" and ctx.budget.retrieved_pages is not None
 
     def capture_key(self, ctx: SelectContext) -> tuple | None:
         """Anchor layers whose index search is capturable (the ``dci_tree`` masked search on CUDA), and layers
@@ -87,8 +127,9 @@ class IceCacheSelector(Selector):
             key = ("icecache-follow", storage_key(prev.page_ids), ctx.k)
             stable, self._follow_key = key == self._follow_key, key
             return key if stable else None
-        key = ctx.index.capture_key(ctx.k, self.search_params(ctx))
-        return None if key is None else ("icecache", key)
+        k = self.max_pages_per_head(ctx.k) if self._shares(ctx) else ctx.k
+        key = ctx.index.capture_key(k, self.search_params(ctx))
+        return None if key is None else ("icecache", key, self._shares(ctx), float(ctx.scaling))
 
     def select(self, query: torch.Tensor, ctx: SelectContext) -> Selection:  # query: [B, Hq, D]
         if not self.is_anchor(ctx.layer):
@@ -98,10 +139,16 @@ class IceCacheSelector(Selector):
                     f"icecache layer reuse: layer {ctx.layer} follows layer {self.follows_layer(ctx.layer)} "
                     "but no selection of that step reached it (run it through KVPolicyCache)"
                 )
-            ids = prev.page_ids[..., : ctx.k]
+            ids = prev.page_ids[..., : self.max_pages_per_head(ctx.k)]
             if ids.is_cuda and torch.cuda.is_current_stream_capturing():
                 # recorded into a captured step (capture_key): this layer mirrors its anchor's pages, so the
                 # anchor's ids are valid here; the page counts of this step cannot be recorded
                 return Selection(page_ids=ids)
             return Selection(page_ids=torch.where(ids < ctx.num_pages.to(ids.device).unsqueeze(-1), ids, PAD))
-        return ctx.index.search(query, ctx.k, params=self.search_params(ctx))
+        if self.gqa_merge not in type(ctx.index).gqa_merges:
+            raise ValueError(f"icecache gqa_merge={self.gqa_merge!r} needs an index that merges by scores; index "
+                             f"{ctx.index.name!r} supports {', '.join(map(repr, type(ctx.index).gqa_merges))}")
+        if not self._shares(ctx):
+            return ctx.index.search(query, ctx.k, params=self.search_params(ctx))
+        sel = ctx.index.search(query, self.max_pages_per_head(ctx.k), params=self.search_params(ctx))
+        return Selection(page_ids=share_pages(sel.page_ids, sel.scores, ctx.k, ctx.scaling))  # [B, Hkv, <= cap]

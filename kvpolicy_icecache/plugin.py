@@ -26,6 +26,11 @@ def kvpolicy_register_presets():
         # IceCache as the reference runs it: first two layers dense, DCI-tree pages, head-specific retrieval
         "icecache": {"selector": {"name": "icecache"}, "index": {"name": "dci_tree"}, "transfer": "bulk_load",
                      "dense_layers": [0, 1]},
+        # the paper's configuration, frozen: `icecache` may take the options that win on the accuracy grid (issue 22),
+        # this one stays as the paper runs it (16-token pages, 32 + 32 sink/window tokens, 16 + 16 below 128,
+        # uniform per-head budgets, interleaved GQA ranks)
+        "icecache-paper": {"selector": {"name": "icecache"}, "index": {"name": "dci_tree"}, "transfer": "bulk_load",
+                           "dense_layers": [0, 1]},
         # IceCache(r): anchor layers 2, 5, 8, ... search; the next two reuse the anchor's pages and selection
         "icecache-reuse": {"selector": {"name": "icecache", "reuse": True}, "index": {"name": "dci_tree"},
                            "transfer": "bulk_load", "dense_layers": [0, 1]},

@@ -110,3 +110,25 @@ def test_git_sha_can_be_named_by_the_environment(monkeypatch):
     assert _git_sha() == "abc1234"
     monkeypatch.setenv("KVPOLICY_GIT_SHA", "  ")
     assert _git_sha() != "  "  # blank: read from git (or None outside a checkout)
+
+
+def test_page_size_rule_and_policy_args_apply_to_the_grid(tiny_llama):
+    rows = ablation_rows(tiny_llama, _Tok(), indexes=["dci_tree"], selector=["icecache", "icecache:mass"],
+                         selector_args={"icecache:mass": {"gqa_merge": "max", "head_budget": "mass"}},
+                         budgets=[64, 128], lengths=[300], n_queries=2, page_size="auto",
+                         policy_args={"split_tokens": {64: [8, 8]}}, progress=False)
+    pols = {(r["selector"], r["budget_tokens"]): r["policy"] for r in rows}
+    assert pols[("icecache", 64)]["page_size"] == "auto" and pols[("icecache", 64)]["split_tokens"] == {64: [8, 8]}
+    assert pols[("icecache:mass", 128)]["selector"]["head_budget"] == "mass"
+    assert [r["k"] for r in rows if r["selector"] == "icecache"] == [12, 8]  # (64 - 16) / 4 and (128 - 64) / 8
+
+
+def test_cli_page_size_and_policy_arg_are_parsed():
+    from kvpolicy.cli import _policy_args, build_parser
+
+    args = build_parser().parse_args(["ablate", "--page-size", "auto", "--policy-arg", "split_tokens={64: [8, 8]}"])
+    assert args.page_size == "auto" and _policy_args(args.policy_arg) == {"split_tokens": {64: [8, 8]}}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ablate", "--page-size", "big"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _policy_args(["split_tokens"])

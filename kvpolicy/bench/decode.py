@@ -397,7 +397,7 @@ def _warmup_policy(model, vname: str, pol, cfg: DecodeBenchConfig) -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(2))
     cache = policy_cache(model, vname, pol, cfg.prefill_chunk, cfg.cpu_pool_dtype)
     try:
-        short = dataclasses.replace(cfg, steps=pol.page_size + 4, breakdown_steps=min(1, cfg.breakdown_steps))
+        short = dataclasses.replace(cfg, steps=pol.resolved_page_size + 4, breakdown_steps=min(1, cfg.breakdown_steps))
         _run_variant(model, ids.to(model.device), cache, short)
     except Exception:  # noqa: BLE001 (the timed run of this variant records the error)
         pass

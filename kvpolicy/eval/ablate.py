@@ -161,7 +161,7 @@ def _one(layer_qkv: LayerQKV, layer_idx: int, policy: Policy, L: int, n_queries:
         mass.append(m["mass_recall"])
         err.append(m["rel_out_error"])
     add_us = None
-    S = policy.page_size
+    S = policy.resolved_page_size
     if pl.index.supports_add and c.k.shape[2] >= L + S:
         page = c.k[:, :, L : L + S]
         _sync(dev)
@@ -180,12 +180,14 @@ def _one(layer_qkv: LayerQKV, layer_idx: int, policy: Policy, L: int, n_queries:
 def ablation_rows(model: Any, tokenizer: Any, *, indexes: Sequence[str], selector: str | Sequence[str] = "index_topk",
                   budgets: Sequence[int] = (64, 128, 256), lengths: Sequence[int] = (4096,), n_queries: int = 16,
                   layers: Sequence[int] | None = None, index_args: dict[str, dict[str, Any]] | None = None,
-                  selector_args: dict[str, dict[str, Any]] | None = None, page_size: int = 16,
-                  model_name: str = "", progress: bool = True) -> list[dict[str, Any]]:
+                  selector_args: dict[str, dict[str, Any]] | None = None, page_size: int | str = 16,
+                  policy_args: dict[str, Any] | None = None, model_name: str = "",
+                  progress: bool = True) -> list[dict[str, Any]]:
     """Run the grid; one row per (length, selector, index, budget). ``selector`` is one name or several (each
     crossed with every index; ``selector_args`` maps a selector name to its hyperparameters, ``NAME:tag`` keys
-    give one selector several variants, e.g. ``{"arkvale:sphere": {"digest": "sphere_max"}}``). Everything is
-    validated before the model runs."""
+    give one selector several variants, e.g. ``{"arkvale:sphere": {"digest": "sphere_max"}}``). ``page_size``
+    (an int or ``"auto"``) and ``policy_args`` (further ``Policy`` fields, e.g. ``split_tokens``) apply to every
+    policy of the grid. Everything is validated before the model runs."""
     from kvpolicy.eval.corpus import essay_text
 
     index_args = index_args or {}
@@ -196,8 +198,9 @@ def ablation_rows(model: Any, tokenizer: Any, *, indexes: Sequence[str], selecto
         base = sname.split(":", 1)[0]
         for name in indexes:
             for b in budgets:
-                pol = Policy(selector={"name": base, **selector_args.get(sname, {})},
-                             index={"name": name, **index_args.get(name, {})}, budget=b, page_size=page_size)
+                pol = Policy(**{"page_size": page_size, **(policy_args or {})},
+                             selector={"name": base, **selector_args.get(sname, {})},
+                             index={"name": name, **index_args.get(name, {})}, budget=b)
                 pol.make_parts()  # missing optional libraries fail here, before any model work
                 policies[(sname, name, b)] = pol
     for L in lengths:

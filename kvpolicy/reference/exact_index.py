@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import Index
-from kvpolicy.ops import check_tensor, gqa_merge, storage_key, topk_ids, triton_available
+from kvpolicy.ops import GQA_MERGES, check_tensor, rank_group_pages, storage_key, triton_available
 from kvpolicy.types import PAD, PageLayout, SearchParams, Selection
 
 __all__ = ["ExactIndex"]
@@ -20,7 +20,7 @@ class ExactIndex(Index):
 
     A page's score for a query head is the largest ``q . k`` over its tokens, computed exactly over every
     key (the index keeps a copy of the keys on ``device``); the heads of a GQA group are merged by
-    interleaving their rankings (``kvpolicy.ops.gqa_merge``). This is the ground truth that approximate
+    interleaving their rankings (``kvpolicy.ops.gqa_merge``), or by the rule in ``SearchParams.gqa_merge``. This is the ground truth that approximate
     indexes are measured against (recall@k).
 
     On CUDA (with triton) ``search`` scores the pages with the fused kernel
@@ -32,6 +32,7 @@ class ExactIndex(Index):
 
     name: ClassVar[str] = "exact"
     supports_add: ClassVar[bool] = True
+    gqa_merges: ClassVar[tuple[str, ...]] = GQA_MERGES
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -155,7 +156,7 @@ class ExactIndex(Index):
         """The fused search on CUDA reads the key store and the page lengths in place, in fixed shapes."""
         if not self._fused() or self._n == 0:
             return None
-        return ("exact", *storage_key(self._keys, self._lens), k)
+        return ("exact", *storage_key(self._keys, self._lens), k, self.merge_rule(params))
 
     def search(self, queries: torch.Tensor, k: int, *, params: SearchParams | None = None) -> Selection:
         if self._fused() and self._n:
@@ -168,7 +169,7 @@ class ExactIndex(Index):
             pscores = exact_page_scores(queries.to(self._keys.device, self._keys.dtype), pool, self._lens)
         else:
             pscores = self.page_scores(queries)  # [B, Hq, P]
-        B, Hq, _ = pscores.shape
+        B, Hq, P = pscores.shape
         H = self._keys.shape[1]
-        ids, _ = topk_ids(pscores, k)  # [B, Hq, k]
-        return Selection(page_ids=gqa_merge(ids.view(B, H, Hq // H, -1), k))
+        ids, scores = rank_group_pages(pscores.view(B, H, Hq // H, P), k, self.merge_rule(params))  # [B, H, k']
+        return Selection(page_ids=ids, scores=scores)

@@ -6,7 +6,9 @@ token of the frontier cells is scored exactly by ``q . k``; each query head keep
 k')`` centres (``k'``: the shortest prefix whose subtrees hold ``k`` pages, the reference rule), and their cells
 form the next frontier. Pages are ranked by their best scored token over all levels (upper-level pages included:
 "cumulative"), top ``k`` per query head, then the GQA group is merged by interleaving ranks
-(``kvpolicy.ops.gqa_merge``). A (row, head) that finds fewer than ``min(k, pages)`` pages (tiny trees, huge
+(``kvpolicy.ops.gqa_merge``); with ``SearchParams.gqa_merge`` ``"max"`` or ``"mean"`` the group's page scores are
+merged first and ranked once (``kvpolicy.ops.group_page_scores``; the selection then carries the merged scores).
+The rule does not change the descent, only the final ranking. A (row, head) that finds fewer than ``min(k, pages)`` pages (tiny trees, huge
 ``k``) is ranked by an exact scan.
 
 Two implementations give identical selections (``search_mode``; tested): ``"beam"`` gathers and scores only the
@@ -53,7 +55,15 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.concurrency import graph_capture
-from kvpolicy.ops import check_tensor, gqa_merge, page_max_scores, storage_key, topk_ids, triton_available
+from kvpolicy.ops import (
+    check_tensor,
+    gqa_merge,
+    group_page_scores,
+    page_max_scores,
+    storage_key,
+    topk_ids,
+    triton_available,
+)
 from kvpolicy.types import PAD, SearchParams, Selection
 from kvpolicy_icecache.dci_tree.tensors import _NEG_INF, _compact, _segment_pos, _unique_rows
 
@@ -167,12 +177,14 @@ class TreeSearch:
         B, H, D = self._B, self._H, self._D
         BH, dev = B * H, self._sdev
         fov, pr, pv = self._params(params)
+        merge = self.merge_rule(params)
         q = queries.detach().to(dev).float().reshape(BH, G, D)
         if self._n == 0 or k == 0:
-            return Selection(page_ids=torch.full((B, H, 0), PAD, dtype=torch.int64, device=dev))
+            empty = torch.full((B, H, 0), PAD, dtype=torch.int64, device=dev)
+            return Selection(page_ids=empty, scores=None if merge == "interleave" else empty.float())
         if self._L <= 1 or k >= self._min_pages:  # exhaustive: exact ranking of every page
             self._last_scanned = torch.full((BH,), self._n, dtype=torch.int64, device=dev)
-            return Selection(page_ids=gqa_merge(self._exact_ranking(q, k).view(B, H, G, -1), k))
+            return Selection(*self._merge(*self._exact_ranking(q, k, merge), k))
         masked = self._masked(pr, pv)
         if self._host_keys and not masked:
             raise ValueError("keys_on_host runs the masked search only; prop_to_retrieve/prop_to_visit < 1 need "
@@ -181,14 +193,24 @@ class TreeSearch:
             raise ValueError("search_mode='masked' scans whole cells; prop_to_retrieve/prop_to_visit < 1 need 'beam'")
         if masked:
             if self.cuda_graphs and dev.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-                return Selection(page_ids=self._graph_search(q, k, fov).clone())
+                ids, scores = self._graph_search(q, k, fov, merge)
+                return Selection(ids.clone(), None if scores is None else scores.clone())
             # (inside a caller's capture, see capture_key: the same work, recorded into the caller's graph)
-            return Selection(page_ids=self._masked_merged(q, k, torch.full((), fov, device=dev)))
-        ids = self._search_beam(q, k, fov, pr, pv)
+            return Selection(*self._masked_merged(q, k, torch.full((), fov, device=dev), merge))
+        ids, vals = self._search_beam(q, k, fov, pr, pv, merge)
         short = self._short(ids, k)
         if bool(short.any()):
-            ids = self._fallback(ids, self._exact_ranking(q, k), short)
-        return Selection(page_ids=gqa_merge(ids.view(B, H, G, -1), k))
+            full_ids, full_vals = self._exact_ranking(q, k, merge)
+            ids, vals = self._fallback(ids, full_ids, short), self._fallback(vals, full_vals, short, _NEG_INF)
+        return Selection(*self._merge(ids, vals, k))
+
+    def _merge(self, ids: torch.Tensor, vals: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rankings of the query heads -> one per KV head. ids/vals [BH, G', k'] (G' = G: per query head, merged by
+        interleaving; G' = 1: one ranking of the group's merged scores) -> (ids [B, Hkv, <= k], scores or None)."""
+        B, H = self._B, self._H
+        if ids.shape[1] == 1:  # a score-based rule already ranked the group as one
+            return ids.view(B, H, -1), vals.view(B, H, -1)
+        return gqa_merge(ids.view(B, H, ids.shape[1], -1), k), None
 
     def _masked(self, pr: float, pv: float) -> bool:
         return self.search_mode == "masked" or (
@@ -208,40 +230,45 @@ class TreeSearch:
         fov, pr, pv = self._params(params)
         if self._L <= 1 or k >= self._min_pages or not self._masked(pr, pv) or min(pr, pv) < 1.0:
             return None
-        return storage_key(*self._tables()) + (k, fov, self._B, self._H)
+        return storage_key(*self._tables()) + (k, fov, self._B, self._H, self.merge_rule(params))
 
     def _short(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         """(row, head) pairs whose descent found fewer than min(k, pages) pages (tiny trees): [BH, G] bool."""
         return (ids >= 0).sum(-1) < torch.clamp(self._search_tables().num_pages, max=k)[:, None]
 
     @staticmethod
-    def _fallback(ids: torch.Tensor, full: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
-        """Take the exhaustive ranking ``full`` for the ``short`` (row, head) pairs. -> [BH, G, full width]"""
+    def _fallback(ids: torch.Tensor, full: torch.Tensor, short: torch.Tensor, pad: float = PAD) -> torch.Tensor:
+        """Take the exhaustive ranking ``full`` (ids, or their scores with ``pad=-inf``) for the ``short`` (row,
+        head) pairs. -> [BH, G, full width]"""
         width = full.shape[-1]
-        ids = torch.nn.functional.pad(ids, (0, width - ids.shape[-1]), value=PAD)[..., :width]
+        ids = torch.nn.functional.pad(ids, (0, width - ids.shape[-1]), value=pad)[..., :width]
         return torch.where(short[..., None], full, ids)
 
-    def _masked_merged(self, q: torch.Tensor, k: int, fov: torch.Tensor) -> torch.Tensor:
-        """Masked descent, fallback and GQA merge without a host sync: q [BH, G, D], fov 0-dim -> [B, Hkv, k']."""
-        ids, full = self._search_masked(q, k, fov)
-        ids = self._fallback(ids, full, self._short(ids, k))
-        return gqa_merge(ids.view(self._B, self._H, q.shape[1], -1), k)
+    def _masked_merged(self, q: torch.Tensor, k: int, fov: torch.Tensor, merge: str = "interleave"
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Masked descent, fallback and GQA merge without a host sync: q [BH, G, D], fov 0-dim -> (ids
+        [B, Hkv, k'], merged scores or None, see ``_merge``)."""
+        (ids, vals), (full_ids, full_vals) = self._search_masked(q, k, fov, merge)
+        short = self._short(ids, k)
+        ids, vals = self._fallback(ids, full_ids, short), self._fallback(vals, full_vals, short, _NEG_INF)
+        return self._merge(ids, vals, k)
 
-    def _graph_search(self, q: torch.Tensor, k: int, fov: int) -> torch.Tensor:
+    def _graph_search(self, q: torch.Tensor, k: int, fov: int, merge: str = "interleave"
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``_masked_merged`` replayed from a CUDA graph: capture once per (tables, G, k), then one launch per
         search. The tables are updated in place by ``add``; a reallocation (capacity growth, build) changes the key
         and triggers a new capture."""
-        key = storage_key(*self._tables()) + (q.shape, k)
+        key = storage_key(*self._tables()) + (q.shape, k, merge)
         if self._graph is None or self._graph[0] != key:
             sq, sf = q.clone(), torch.tensor(fov, device=q.device)
             side = torch.cuda.Stream(device=q.device)
             side.wait_stream(torch.cuda.current_stream(q.device))
             with torch.cuda.stream(side):
-                self._masked_merged(sq, k, sf)  # warm-up outside the graph
+                self._masked_merged(sq, k, sf, merge)  # warm-up outside the graph
             torch.cuda.current_stream(q.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with graph_capture(graph):  # no job meanwhile
-                out = self._masked_merged(sq, k, sf)
+                out = self._masked_merged(sq, k, sf, merge)
             self._graph = (key, graph, sq, sf, out)
         _, graph, sq, sf, out = self._graph
         sq.copy_(q)
@@ -249,9 +276,11 @@ class TreeSearch:
         graph.replay()
         return out
 
-    def _search_beam(self, q: torch.Tensor, k: int, fov: int, pr: float, pv: float) -> torch.Tensor:
+    def _search_beam(self, q: torch.Tensor, k: int, fov: int, pr: float, pv: float, merge: str = "interleave"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam descent that gathers and scores only the pages of the frontier cells. q [BH, G, D] ->
-        ranked page ids per query head [BH, G, k'] (PAD-padded)."""
+        (ranked page ids [BH, G', k'] PAD-padded, their scores; G' = G per query head, 1 for a score-based
+        ``merge``)."""
         BH, G = q.shape[:2]
         dev = q.device
         rows = torch.arange(BH, device=dev)[:, None]
@@ -287,10 +316,10 @@ class TreeSearch:
             if frontier.shape[1] == 0:
                 break
         pages = torch.cat(seen_pages, 1)
-        scores = torch.cat(seen_scores, -1)
-        pos, _ = topk_ids(scores, k)  # [BH, G, k']
-        ids = pages[:, None].expand(BH, G, pages.shape[1]).gather(-1, pos.clamp(min=0))
-        return torch.where(pos >= 0, ids, torch.full_like(ids, PAD))
+        scores = group_page_scores(torch.cat(seen_scores, -1), merge)  # [BH, G', R]
+        pos, vals = topk_ids(scores, k)  # [BH, G', k']
+        ids = pages[:, None].expand(BH, pos.shape[1], pages.shape[1]).gather(-1, pos.clamp(min=0))
+        return torch.where(pos >= 0, ids, torch.full_like(ids, PAD)), vals
 
     @staticmethod
     def _beam_keep(s: torch.Tensor, sub: torch.Tensor, k: int, fov: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,11 +333,13 @@ class TreeSearch:
         keep_n = torch.minimum(torch.maximum(torch.clamp(found, max=fov), kprime), found)
         return torch.arange(s.shape[-1], device=s.device) < keep_n[..., None], order
 
-    def _search_masked(self, q: torch.Tensor, k: int, fov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_masked(self, q: torch.Tensor, k: int, fov: torch.Tensor, merge: str = "interleave"
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """The same descent (same frontier rule, GQA union, cumulative page scores) in fixed shapes: one dense
         ``K q^T``, then per upper level a small sort over that level's centres, and one masked page max.
-        No gathers of keys, no data-dependent shapes (no host synchronisation). q [BH, G, D] -> (ranked ids
-        [BH, G, k'], the exhaustive ranking from the same scores for rows whose descent finds too few pages)."""
+        No gathers of keys, no data-dependent shapes (no host synchronisation). q [BH, G, D] -> ((ranked ids
+        [BH, G', k'], their scores), the exhaustive ranking from the same scores for rows whose descent finds too
+        few pages); G' = G per query head, 1 for a score-based ``merge``."""
         BH, G = q.shape[:2]
         fused = self._host_keys or (
             (q.is_cuda and triton_available()) if self.fused_scores is None else self.fused_scores)
@@ -345,14 +376,17 @@ class TreeSearch:
             tp = self._tok_page[:, None].expand(BH, G, -1)
             ps = page_max_scores(dense.reshape(1, BH * G, -1), tp.reshape(1, BH * G, -1), P).view(BH, G, P)
         self._last_scanned = (st.page_len * seen).sum(-1)
-        return topk_ids(ps.masked_fill(~seen[:, None], _NEG_INF), k)[0], topk_ids(ps, k)[0]
+        ps = group_page_scores(ps, merge)  # [BH, G', P*]
+        return topk_ids(ps.masked_fill(~seen[:, None], _NEG_INF), k), topk_ids(ps, k)
 
-    def _exact_ranking(self, q: torch.Tensor, k: int) -> torch.Tensor:
-        """Every page ranked by its best token: q [BH, G, D] -> ids [BH, G, min(k, P*)]. With the keys on the
-        host, the fused kernel reads them through the page table (no device copy of the key store)."""
+    def _exact_ranking(self, q: torch.Tensor, k: int, merge: str = "interleave"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every page ranked by its best token: q [BH, G, D] -> (ids [BH, G', min(k, P*)], their scores; G' = G
+        per query head, 1 for a score-based ``merge``). With the keys on the host, the fused kernel reads them
+        through the page table (no device copy of the key store)."""
         if self._host_keys:
-            return topk_ids(self._page_maxima(q), k)[0]
-        return self._rank_pages(self._dense_scores(q), k)
+            return topk_ids(group_page_scores(self._page_maxima(q), merge), k)
+        return self._rank_pages(self._dense_scores(q), k, merge)
 
     def _page_maxima(self, q: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
         """Best token score of each page by the fused kernel, keys read in place through the page table:
@@ -362,11 +396,11 @@ class TreeSearch:
         return token_page_scores(q.contiguous(), self._keys[:, None], self._search_tables().page_tok[:, None],
                                  None if load is None else load[:, None])
 
-    def _rank_pages(self, s: torch.Tensor, k: int) -> torch.Tensor:
-        """Pages ranked by their best token score. s [BH, G, n] (-inf: not scanned) -> ids [BH, G, min(k, P*)]
-        (P* the page capacity; pages never scanned come back PAD)."""
+    def _rank_pages(self, s: torch.Tensor, k: int, merge: str = "interleave") -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages ranked by their best token score. s [BH, G, n] (-inf: not scanned) -> (ids [BH, G', min(k, P*)],
+        scores) (P* the page capacity; pages never scanned come back PAD; G' as in ``_exact_ranking``)."""
         BH, G, n = s.shape  # n: tokens, or the token capacity (masked search)
         P = self._page_len.shape[1]
         tp = self._tok_page[:, None, :n].expand(BH, G, n)
         ps = page_max_scores(s.reshape(1, BH * G, n), tp.reshape(1, BH * G, n), P).view(BH, G, P)
-        return topk_ids(ps, k)[0]
+        return topk_ids(group_page_scores(ps, merge), k)
