@@ -53,6 +53,34 @@ def test_a_failing_run_is_a_row_and_stops_that_variant_only(tiny, monkeypatch):
     assert by["quest", 4096]["error"] == "host out of memory (MemoryError)" and by["quest", 2048]["max_context"] == 2048
 
 
+def test_a_length_the_host_cannot_hold_is_not_run(tiny, monkeypatch):
+    """Host memory is projected from the variant's last run: a length whose pools and index would not fit in the
+    available memory is an error row, never run (a host out of memory kills the whole process)."""
+    from kvpolicy.bench import capacity
+
+    first = {}
+
+    def fake_available():  # less than what the 2048-token run held: 4096 tokens (twice that) do not fit
+        return int(0.8 * first["held"])
+
+    real = capacity._run
+
+    def run(model, vname, pol, length, cfg):
+        row = real(model, vname, pol, length, cfg)
+        if pol is not None:
+            first.setdefault("held", row["host_pool_bytes"] + row["host_index_bytes"])
+        return row
+
+    monkeypatch.setattr(capacity, "_run", run)
+    monkeypatch.setattr(capacity, "_available_host_bytes", fake_available)
+    cfg = CapacityBenchConfig(policies=["quest"], budget=128, start=2048, max_length=4096, steps=2, fill="synthetic",
+                              dense=False)
+    rows = bench_capacity(tiny, cfg, progress=False)
+    assert [r["length"] for r in rows] == [2048, 4096] and first["held"] > 0
+    assert not rows[0]["error"] and "host out of memory (projected)" in rows[1]["error"]
+    assert rows[1]["max_context"] == 2048
+
+
 def test_cli_writes_json_and_refuses_bad_settings(tmp_path, capsys):
     out = tmp_path / "cap.json"
     assert main(["bench", "capacity", "--config", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--policy",

@@ -192,12 +192,17 @@ def bench_capacity(model, cfg: CapacityBenchConfig, *, model_name: str = "", pro
         bar = tqdm(total=n * len(pols), desc="bench capacity", unit="run")
     for vname, pol in pols:
         done = 0
+        prev = None  # this variant's last row that ran
         for length in _lengths(cfg):
+            short = _host_shortfall(prev, length)
             if max_ctx and length + cfg.steps + 1 > max_ctx:
                 row = {"bench": "capacity", "variant": vname, "length": length, "fill": cfg.fill,
                        "error": f"length {length} + decode steps exceeds the model's context of {max_ctx} tokens"}
+            elif short is not None:
+                row = {"bench": "capacity", "variant": vname, "length": length, "fill": cfg.fill, "error": short}
             else:
                 row = _run(model, vname, pol, length, cfg)
+                prev = row
             row["model"] = model_name
             rows.append(row)
             done += 1
@@ -213,6 +218,37 @@ def bench_capacity(model, cfg: CapacityBenchConfig, *, model_name: str = "", pro
     if bar is not None:
         bar.close()
     return _with_max(rows)
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _host_shortfall(prev: dict | None, length: int) -> str | None:
+    """An error message if the host cannot hold ``length`` tokens of this variant, projected linearly from its
+    last run (pools and host index grow with the tokens), else None. A host that runs out of memory mid-run does
+    not raise: the kernel's out-of-memory killer ends the whole process (this happened at 524,288 tokens of
+    ``icecache-bounded``, whose host part was 58 GiB at 262,144), so the run is not attempted."""
+    if prev is None or prev.get("error"):
+        return None
+    held = prev.get("host_pool_bytes", 0) + prev.get("host_index_bytes", 0)
+    free = _available_host_bytes()
+    if not held or free is None:
+        return None
+    need = held * (length / prev["length"] - 1)  # more than the last run, whose memory is given back by now
+    if need <= 0.9 * free:
+        return None
+    return (f"host out of memory (projected): {length} tokens need about {(held + need) / 2**30:.1f} GiB of "
+            f"host memory for pools and index ({held / 2**30:.1f} GiB at {prev['length']}), "
+            f"{free / 2**30:.1f} GiB available; not run")
 
 
 def _lengths(cfg: CapacityBenchConfig):
