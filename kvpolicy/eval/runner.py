@@ -397,6 +397,9 @@ def run_eval(
             t_tok = bar.add_task(f"{LONGGEN} {L}: sample {i} full cache", total=longgen_tokens)
             lg = longgen_sample(model, tokenizer, L, longgen_tokens, seed=seed * 1_000_003 + i,
                                 prefill_chunk=prefill_chunk, step=functools.partial(bar.advance, t_tok))
+            if progress and not bar.console.is_terminal:
+                bar.console.print(f"{LONGGEN} {L} sample {i}: the full cache generated {longgen_tokens} tokens "
+                                  f"({lg.seconds:.1f} s)")
             for j in todo:
                 bar.reset(t_tok, description=f"{LONGGEN} {L}: sample {i} {j.label} @ {j.budget or 'all'}")
                 try:
