@@ -70,6 +70,7 @@ def test_small_budget_drifts_and_row_fields(model, sample):
     assert 0 <= row["agreement"] < 1 and row["kl"] > 0 and row["first_disagreement"] >= 1  # position 0 is dense
     assert row["agreement_curve"][0] >= 0.5  # the first bin holds position 0, which always agrees
     assert row["policy_config"]["selector"]["name"] == "quest" and "score" not in row
+    assert 0 < row["reference_distinct_4grams"] <= 1 and isinstance(row["reference_text"], str)
 
 
 def test_rows_resume_report_and_plot(model, tok, tmp_path):

@@ -22,7 +22,9 @@ A row (no ``score``: this is not task accuracy) holds ``agreement`` and ``kl`` (
 over the last quarter (``agreement_last_quarter``, ``kl_last_quarter``), ``first_disagreement`` (the first position
 whose top-1 differs; None if none), and the curves ``agreement_curve`` / ``kl_curve``: means over consecutive bins
 of ``curve_bin`` positions (64, fewer for short runs so that a curve has at least 16 points; the last bin may be
-shorter). ``kvpolicy report`` tabulates the means and plots the curves, one figure per budget.
+shorter). ``kvpolicy report`` tabulates the means and plots the curves, one figure per budget. A greedy text that
+loops is easy to agree on from the recent window alone, so rows also say how varied the full cache's continuation
+is (``reference_distinct_4grams``: the share of distinct token 4-grams) and show its beginning (``reference_text``).
 
 Memory: the full cache's log-probabilities wait on the CPU for the policies' steps, ``N x vocab`` floats (622 MB
 for 1,024 tokens of Qwen2.5's 151,936-token vocabulary).
@@ -50,6 +52,7 @@ __all__ = ["LongGenSample", "binned", "curve_bin", "longgen_jobs", "longgen_row"
 MAX_BIN = 64  # positions per curve point
 MIN_POINTS = 16  # a short run gets smaller bins, so that its curve still has this many points
 CHARS_PER_TOKEN = 12  # essay characters read per prompt token (generous: ~4-5 per token for English BPE)
+REFERENCE_CHARS = 600  # of the full cache's continuation, kept in each row (to see what was generated)
 
 
 def curve_bin(n: int) -> int:
@@ -78,6 +81,14 @@ class LongGenSample:
     logp: torch.Tensor  # [N, vocab] float32, CPU: the full cache's log-probabilities at each position
     banned: list[int]  # end-of-sequence ids, never chosen
     seconds: float  # the dense prefill and the full cache's generation
+    text: str = ""  # the continuation, decoded
+
+    def distinct_ngrams(self, n: int = 4) -> float:
+        """Share of distinct token n-grams among the continuation's n-grams: near 0 for a text that loops (easy to
+        agree on from the recent window alone), near 1 for varied text."""
+        t = self.tokens[0].tolist()
+        grams = [tuple(t[i : i + n]) for i in range(len(t) - n + 1)]
+        return len(set(grams)) / len(grams) if grams else 1.0
 
 
 def _banned_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -134,8 +145,10 @@ def longgen_sample(model: Any, tokenizer: Any, L: int, n: int, *, seed: int, pre
         step()
         if t + 1 < n:
             logits = next(forced_logits(model, cache, toks[-1]))
-    return LongGenSample(prompt, dense, first_logits, torch.cat(toks, 1), torch.stack(logp), banned,
-                         time.perf_counter() - t0)
+    tokens = torch.cat(toks, 1)
+    text = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
+    return LongGenSample(prompt, dense, first_logits, tokens, torch.stack(logp), banned, time.perf_counter() - t0,
+                         text)
 
 
 def _kl(logp_full: torch.Tensor, logits: torch.Tensor) -> float:
@@ -183,6 +196,7 @@ def longgen_row(model: Any, s: LongGenSample, job: EvalJob, step: Callable[[], N
         "kl_max": max(kl), "first_disagreement": miss, "curve_bin": width,
         "agreement_curve": binned(agree, width), "kl_curve": [round(x, 6) for x in binned(kl, width)],
         "first_token": FIRST_DENSE, "seconds": time.perf_counter() - t0, "reference_seconds": s.seconds,
+        "reference_distinct_4grams": s.distinct_ngrams(4), "reference_text": s.text[:REFERENCE_CHARS],
         "device_kv_bytes": mem["device_kv"], "cpu_kv_bytes": mem["cpu_kv"], "index_bytes": mem["index"],
         "policy_config": job.policy.to_config() | ({"prefetch": job.prefetch} if job.prefetch != "off" else {}),
     }

@@ -179,8 +179,8 @@ def _longgen_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
         return []
     out = ["### Long generation: agreement with the full cache\n",
            "| model | length | generated | policy | budget | n | top-1 agreement | 95% CI | last quarter | KL | "
-           "KL last quarter |",
-           "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "KL last quarter | distinct 4-grams |",
+           "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     order = sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != FULL, k[4] or 0, k[3]))
     for key in order:
         rs = groups[key]
@@ -188,11 +188,15 @@ def _longgen_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
         iv = bootstrap_mean([r["agreement"] for r in rs])
         out.append(f"| {model} | {length} | {n_gen} | {pol} | {_budget_label(b)} | {len(rs)} | {100 * iv.mean:.1f} | "
                    f"{_ci(iv)} | {100 * mean(r['agreement_last_quarter'] for r in rs):.1f} | "
-                   f"{mean(r['kl'] for r in rs):.4f} | {mean(r['kl_last_quarter'] for r in rs):.4f} |")
+                   f"{mean(r['kl'] for r in rs):.4f} | {mean(r['kl_last_quarter'] for r in rs):.4f} | "
+                   + (f"{mean(r['reference_distinct_4grams'] for r in rs):.2f} |"
+                      if all("reference_distinct_4grams" in r for r in rs) else "- |"))
     out.append("\nTeacher forcing on the full cache's greedy continuation of an essay prompt: top-1 agreement (%) "
                "is how often the policy's greedy token is the full cache's, KL is KL(full || policy) of the next-token "
                "distributions in nats, both averaged over the generated positions (last quarter: the last 25% of "
-               "them) and over samples. The first position comes from the dense prefill for every policy.\n")
+               "them) and over samples. The first position comes from the dense prefill for every policy. Distinct 4-grams: "
+               "the share of distinct token 4-grams in the full cache's continuation (low: the text loops, and the "
+               "recent window alone predicts it).\n")
     return out
 
 
