@@ -173,6 +173,13 @@ def _longgen_groups(rows: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str
     return groups
 
 
+def _distinct(rs: list[dict[str, Any]]) -> str:
+    have = [r["reference_distinct_4grams"] for r in rs if "reference_distinct_4grams" in r]
+    if not have:
+        return "- |"
+    return f"{mean(have):.2f}{'' if len(have) == len(rs) else f' ({len(have)} of {len(rs)})'} |"
+
+
 def _longgen_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     groups = _longgen_groups(rows)
     if not groups:
@@ -189,8 +196,7 @@ def _longgen_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
         out.append(f"| {model} | {length} | {n_gen} | {pol} | {_budget_label(b)} | {len(rs)} | {100 * iv.mean:.1f} | "
                    f"{_ci(iv)} | {100 * mean(r['agreement_last_quarter'] for r in rs):.1f} | "
                    f"{mean(r['kl'] for r in rs):.4f} | {mean(r['kl_last_quarter'] for r in rs):.4f} | "
-                   + (f"{mean(r['reference_distinct_4grams'] for r in rs):.2f} |"
-                      if all("reference_distinct_4grams" in r for r in rs) else "- |"))
+                   + _distinct(rs))
     out.append("\nTeacher forcing on the full cache's greedy continuation of an essay prompt: top-1 agreement (%) "
                "is how often the policy's greedy token is the full cache's, KL is KL(full || policy) of the next-token "
                "distributions in nats, both averaged over the generated positions (last quarter: the last 25% of "
