@@ -57,6 +57,16 @@ def _page_size(s: str) -> int | str:
         raise argparse.ArgumentTypeError(f"page size must be a number of tokens or 'auto', got {s!r}") from e
 
 
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s.strip().lower().removesuffix("k")) * (1024 if s.strip().lower().endswith("k") else 1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens (e.g. 1024 or 2k), got {s!r}") from e
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {s!r}")
+    return v
+
+
 def _int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -235,6 +245,8 @@ def cmd_eval(args) -> int:
             raise ValueError(f"{args.task_file} holds no valid records")
     elif args.task != "none":
         tasks = resolve_tasks(args.task)
+    if "longgen" in tasks and world.size > 1:
+        raise ValueError("--task longgen compares logits on one process; it does not run with --tp (yet)")
     lengths = [parse_length(x) for x in args.length]
     model, tok = _load(args)
     if args.task_file:
@@ -249,7 +261,8 @@ def cmd_eval(args) -> int:
                         budgets=args.budget, tasks=tasks, lengths=lengths, samples=args.samples, out=out,
                         seed=args.seed, samples_source=source, fidelity=args.fidelity,
                         prefill_chunk=args.prefill_chunk, failed=failed, allow_overflow=args.allow_overflow,
-                        progress=world.is_main, cpu_pool_dtype=args.cpu_pool_dtype)
+                        progress=world.is_main, cpu_pool_dtype=args.cpu_pool_dtype,
+                        longgen_tokens=args.longgen_tokens)
     Console().print(markdown_report(read_rows(args.out)))
     if failed:
         print(f"kvpolicy eval: error: {len(failed)} of {len(failed) + len(rows)} cells failed (rows with 'error' "
@@ -478,10 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--policy", type=_str_list, default=["full", "oracle", "icecache", "quest", "streaming"],
                    help="comma-separated presets; snapkv also runs as snapkv-qhidden; NAME@cuda puts the index on "
-                   "the GPU, NAME:uva sets the transfer (same rows, placement in policy_config)")
+                   "the GPU, NAME:uva sets the transfer (same rows, placement in policy_config); snapkv+qafter, "
+                   "h2o+qafter compress the context before reading the question (kvpress's setting)")
     s.add_argument("--budget", type=_int_list, default=[64, 128, 256, 512], help="comma-separated token budgets")
     s.add_argument("--task", default="passkey",
-                   help="ruler, passkey, comma-separated task names, or none (with --fidelity)")
+                   help="ruler, passkey, comma-separated task names, longgen (agreement with the full cache over a "
+                   "long generation), or none (with --fidelity)")
     s.add_argument("--task-file", default=None, help="JSONL with context, question, answers (and id) per line")
     s.add_argument("--length", type=_str_list, default=["4k"], help="comma-separated lengths (4k, 8k, 4096)")
     s.add_argument("--samples", type=int, default=5,
@@ -494,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure attention fidelity per layer/head and perplexity on the essays, per length")
     s.add_argument("--prefill-chunk", type=_fixed_chunk, default=None,
                    help="stream the shared dense prefill, this many tokens per forward (exact; default: one forward)")
+    s.add_argument("--longgen-tokens", type=_positive_int, default=1024,
+                   help="tokens generated per sample by --task longgen (default 1024)")
     tp_arg(s)
     _pool_dtype_arg(s)
     s.set_defaults(fn=cmd_eval)

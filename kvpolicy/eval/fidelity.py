@@ -30,7 +30,8 @@ import torch
 from kvpolicy.cache_arg import cache_kwargs
 from kvpolicy.eval.ablate import full_layout, selection_metrics
 from kvpolicy.eval.capture import capture_qkv
-from kvpolicy.eval.runner import EvalJob
+from kvpolicy.eval.runner import FIRST_DENSE, EvalJob
+from kvpolicy.eval.teacher import forced_logits
 from kvpolicy.hf import KVPolicyCache
 from kvpolicy.layer import PolicyLayer
 from kvpolicy.reference.mirror_index import MirrorIndex
@@ -52,9 +53,8 @@ def policy_nll(model: Any, ids: torch.Tensor, n_prompt: int, job: EvalJob | None
     else:
         cache = KVPolicyCache.from_dense(model, job.policy, dense)
     nll = [float(-torch.log_softmax(first_logits.float(), -1)[0, cont[0, 0]])]
-    for t in range(cont.shape[1] - 1):
-        logits = model(cont[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits[:, -1]
-        nll.append(float(-torch.log_softmax(logits.float(), -1)[0, cont[0, t + 1]]))
+    for t, logits in enumerate(forced_logits(model, cache, cont[:, :-1])):
+        nll.append(float(-torch.log_softmax(logits, -1)[0, cont[0, t + 1]]))
     return nll
 
 
@@ -112,6 +112,7 @@ def fidelity_row(model: Any, qkv: dict, ids: torch.Tensor, L: int, job: EvalJob,
         "ppl": math.exp(statistics.mean(nll)), "ppl_full": math.exp(statistics.mean(nll_full)),
         "continuation_tokens": len(nll), "n_queries": n_queries, "layers": order, "metric": "mass_recall",
         "per_layer_head": per_mass, "per_layer_head_error": per_err, "policy_config": job.policy.to_config(),
+        "first_token": FIRST_DENSE,  # the continuation's first token is scored on the (dense) prefill's logits
     }
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from kvpolicy.errors import suggest
 
-__all__ = ["DEPTH_TASKS", "MAX_NEW_TOKENS", "SCORERS", "SUITES", "TASKS", "resolve_tasks"]
+__all__ = ["DEPTH_TASKS", "MAX_NEW_TOKENS", "MODEL_TASKS", "SCORERS", "SUITES", "TASKS", "resolve_tasks"]
 
 TASKS: tuple[str, ...] = (
     "passkey",
@@ -24,6 +24,9 @@ TASKS: tuple[str, ...] = (
     "qa_squad",
     "qa_hotpot",
 )
+# Measured against the full cache rather than scored against answers, with no generated sample (the runner runs them
+# itself): "longgen", long-generation fidelity (kvpolicy.eval.longgen).
+MODEL_TASKS: tuple[str, ...] = ("longgen",)
 SUITES: dict[str, tuple[str, ...]] = {"ruler": TASKS[1:], "passkey": ("passkey",)}
 DEPTH_TASKS: tuple[str, ...] = tuple(t for t in TASKS if t == "passkey" or t.startswith("niah_"))
 # "all": fraction of the expected answers found in the prediction; "part": 1.0 if any accepted answer is found.
@@ -50,7 +53,8 @@ MAX_NEW_TOKENS: dict[str, int] = {
 def resolve_tasks(spec: str) -> list[str]:
     """Expand a comma-separated list of task and suite names (``"ruler"``, ``"niah_single_1,vt"``).
 
-    Order is kept and duplicates dropped.  An unknown name raises ``ValueError`` naming it.
+    Order is kept and duplicates dropped; ``longgen`` (:data:`MODEL_TASKS`) may be listed too, though no suite
+    includes it.  An unknown name raises ``ValueError`` naming it.
     """
     if not isinstance(spec, str):
         raise TypeError(f"task spec must be a str, not {type(spec).__name__}")
@@ -61,13 +65,13 @@ def resolve_tasks(spec: str) -> list[str]:
     for name in names:
         if name in SUITES:
             expanded: Sequence[str] = SUITES[name]
-        elif name in TASKS:
+        elif name in TASKS or name in MODEL_TASKS:
             expanded = (name,)
         else:
-            known = (*SUITES, *TASKS)
+            known = (*SUITES, *TASKS, *MODEL_TASKS)
             raise ValueError(
                 f"unknown task {name!r}.{suggest(name, known)} Known suites: {', '.join(SUITES)}; "
-                f"tasks: {', '.join(TASKS)}"
+                f"tasks: {', '.join(TASKS + MODEL_TASKS)}"
             )
         out.extend(t for t in expanded if t not in out)
     return out
