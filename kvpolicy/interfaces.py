@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from kvpolicy.ops import unique_storages
 from kvpolicy.types import PageLayout, Reservation, SearchParams, SelectContext, Selection, TransferHandle
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,11 +27,11 @@ __all__ = ["Index", "PageAllocator", "Part", "Selector", "Transfer"]
 
 def _state_tensors(obj: object) -> list[torch.Tensor]:
     """Tensors among ``obj``'s attributes, in lists/tuples/dicts there, and one object level down; one per storage."""
-    found: dict[tuple, torch.Tensor] = {}
+    found: list[torch.Tensor] = []
 
     def visit(v: object, depth: int) -> None:
         if isinstance(v, torch.Tensor):
-            found.setdefault((v.device, v.untyped_storage().data_ptr()), v)
+            found.append(v)
         elif isinstance(v, (list, tuple)):
             for x in v:
                 visit(x, depth)
@@ -43,7 +44,7 @@ def _state_tensors(obj: object) -> list[torch.Tensor]:
 
     for v in vars(obj).values():
         visit(v, 1)
-    return list(found.values())
+    return unique_storages(found)
 
 
 class Part(ABC):

@@ -127,6 +127,14 @@ def topk_pages(scores: torch.Tensor, k: int, num_kv_heads: int) -> torch.Tensor:
     return gqa_merge(ids.view(B, num_kv_heads, Hq // num_kv_heads, -1), k)
 
 
+def unique_storages(tensors) -> list[torch.Tensor]:
+    """The tensors, one per storage (the first seen of each): views and aliases are counted once."""
+    seen: dict[tuple, torch.Tensor] = {}
+    for t in tensors:
+        seen.setdefault((t.device, t.untyped_storage().data_ptr()), t)
+    return list(seen.values())
+
+
 def storage_key(*tensors: torch.Tensor) -> tuple:
     """(address, shape) of each tensor: equal keys mean the same storage, so a CUDA graph recorded over these
     tensors is still valid (the ``capture_key`` hooks of the parts are built from it)."""

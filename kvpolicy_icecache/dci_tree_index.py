@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from kvpolicy.interfaces import Index
-from kvpolicy.ops import GQA_MERGES
+from kvpolicy.ops import GQA_MERGES, unique_storages
 from kvpolicy_icecache.dci_tree.build import TreeBuild
 from kvpolicy_icecache.dci_tree.insert import TreeInsert
 from kvpolicy_icecache.dci_tree.mirror import TreeMirror
@@ -196,14 +196,10 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
 
     def _tensors(self) -> list[torch.Tensor]:
         """Every tensor the index holds, each storage once (level 1's centre keys are ``_c1_keys``)."""
-        ts = [
+        return unique_storages([
             self._keys, self._sq, self._proj, self._parent, self._tok_page, self._tok_slot, self._tok_level,
             self._tok_cell, self._page_tok, self._page_len, self._page_cell, self._cell_pages, self._cell_npages,
             self._cell_size, self._cell_M, self._subtree, self._cell_tok, self._M, self._num_pages, self._u,
             self._scratch, self._c1_cell, self._c1_keys, self._c1_sq, self._cell_anc, *self._level_keys[1:],
             *self._level_par[1:], *self._level_cell[1:], *(self._mirror or ()),
-        ]
-        seen: dict[tuple, torch.Tensor] = {}
-        for t in ts:
-            seen.setdefault((t.device, t.untyped_storage().data_ptr()), t)
-        return list(seen.values())
+        ])

@@ -74,11 +74,6 @@ class PageDigests:
         self.lo, self.hi, self.centre = fresh
         self.radius = radius
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.lo is None else sum(t.nbytes for t in (self.lo, self.hi, self.centre, self.radius,
-                                                                  self.num_pages))
-
 
 @dataclass(kw_only=True)
 class DigestSelector(Selector):
