@@ -4,6 +4,9 @@
   the page's valid tokens (``ExactIndex.page_scores`` over a GPU page pool); empty pages score ``-inf``.
 * ``token_page_scores(q, keys, page_tok)``: the same maximum where pages list token ids into a token-ordered
   key store (the ``dci_tree`` index on the GPU): keys are read once, in place, through the page table.
+* ``pool_page_scores(q, k_chunks, lengths)``: the same maximum read from a chunked CPU page pool in place
+  (``kvpolicy.pool.PagePool``: pinned host chunks read through unified addressing, fp8 pages dequantised by
+  their per-(page, head) scale), so an index whose pages are the pool's pages needs no key copy of its own.
 * ``quest_page_scores(q, lo, hi)``: the upper bound of ``q . k`` over the page's key box,
   ``sum_d max(q_d lo_d, q_d hi_d)`` (``QuestSelector``); pages at or beyond ``num_pages`` score ``-inf``.
 
@@ -31,6 +34,8 @@ __all__ = [
     "exact_page_scores_ref",
     "token_page_scores",
     "token_page_scores_ref",
+    "pool_page_scores",
+    "pool_page_scores_ref",
     "quest_page_scores",
     "quest_page_scores_ref",
 ]
@@ -86,6 +91,43 @@ def _exact_kernel(
         best = tl.max(tl.reshape(s, (G_PAD, PAGES, BLOCK_S)), 2)  # [G_PAD, PAGES]
         tl.store(out_ptr + b * so_b + (h * G + offs_g)[:, None] * so_h + offs_p[None, :] * so_c, best,
                  mask=g_ok[:, None] & (offs_p < C)[None, :])
+
+
+@triton.jit(do_not_specialize=["H", "C", "CC", "LC"])
+def _pool_kernel(
+    q_ptr, k_tbl, k_ref, len_ptr, scale_ptr, mask_ptr, out_ptr,  # k_tbl: [n_chunks] int64 chunk addresses
+    H, C, CC, LC, S, D,  # len/mask: [B*H, C]; scale: [B*H, LC] float32 (FP8); chunks: [B*H*CC, S, D]
+    sq_b, sq_h, sq_d,
+    so_b, so_h, so_c,
+    G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PAGES: tl.constexpr, FP8: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    flat = tl.arange(0, PAGES * BLOCK_S)
+    page = tl.program_id(1).to(tl.int64) * PAGES + flat // BLOCK_S  # [T]
+    pos = flat % BLOCK_S
+    offs_p = tl.program_id(1).to(tl.int64) * PAGES + tl.arange(0, PAGES)
+    live = page < C
+    if HAS_MASK:  # pages left out are never read (they sit across PCIe) and score -inf
+        live = live & (tl.load(mask_ptr + bh * C + page, mask=live, other=0) != 0)
+    n = tl.load(len_ptr + bh * C + page, mask=live, other=0)  # pages are filled from slot 0
+    ok = live & (pos < n) & (pos < S)
+    chunk = page // CC
+    base = tl.load(k_tbl + chunk, mask=ok, other=0).to(k_ref.dtype)  # int64 addresses -> pointers, per token
+    row = ((bh * CC + (page - chunk * CC)) * S + pos) * D
+    k = tl.load(base[:, None] + row[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                other=0.0).to(tl.float32)  # [T, BLOCK_D]
+    if FP8:
+        k = k * tl.load(scale_ptr + bh * LC + page, mask=ok, other=0.0)[:, None]
+    for g in tl.static_range(G):  # exact float32 products, one query head at a time (as the INDIRECT path)
+        qg = tl.load(q_ptr + b * sq_b + (h * G + g) * sq_h + offs_d * sq_d, mask=d_ok, other=0.0)
+        sg = tl.where(ok, tl.sum(k * qg.to(tl.float32)[None, :], 1), float("-inf"))
+        best = tl.max(tl.reshape(sg, (PAGES, BLOCK_S)), 1)  # [PAGES]
+        tl.store(out_ptr + b * so_b + (h * G + g) * so_h + offs_p * so_c, best, mask=offs_p < C)
 
 
 @triton.jit(do_not_specialize=["H", "G", "C"])
@@ -220,6 +262,75 @@ def token_page_scores(
     return out
 
 
+def pool_page_scores(
+    q: torch.Tensor,  # [B, Hq, D] float32
+    k_chunks: list[torch.Tensor],  # chunks [B, Hkv, Cc, S, D] of a page pool's K (pinned host or device memory)
+    lengths: torch.Tensor,  # [B, Hkv, C] int32/int64 valid tokens per page (filled from slot 0); C may exceed
+    #                         the pages the chunks hold where those pages are empty (length 0)
+    *,
+    k_scale: torch.Tensor | None = None,  # [B, Hkv, LC] float32 per-(page, head) scales of fp8 chunks (LC >= C')
+    mask: torch.Tensor | None = None,  # [B, Hkv, C] bool: pages to score (None: all)
+    table: torch.Tensor | None = None,  # [n_chunks] int64 chunk addresses on q's device (PagePool.chunk_tables)
+) -> torch.Tensor:  # [B, Hq, C] float32, -inf for empty pages and pages left out by the mask
+    """Max ``q . k`` over each page's valid tokens, the keys read in place from the chunks of a page pool (page
+    ``p`` in chunk ``p // Cc`` at ``p % Cc``; fp8 keys times their page's scale), exact float32 products. Only the
+    pages that ``mask`` keeps are read, so a pinned host pool costs PCIe traffic for the scored pages only.
+    ``table`` is made here when not given (a host-to-device copy: pass the pool's cached one on the hot path)."""
+    check_rank("q", q, 3, "[B, Hq, D]")
+    check_rank("lengths", lengths, 3, "[B, Hkv, C]")
+    if q.dtype != torch.float32:
+        raise TypeError(f"q must be float32, got {q.dtype}")
+    check_int("lengths", lengths)
+    if not k_chunks:
+        raise ValueError("k_chunks must hold at least one chunk [B, Hkv, Cc, S, D]")
+    B, Hq, D = q.shape
+    H, C = lengths.shape[1], lengths.shape[2]
+    G = _heads(q, H)
+    ref = k_chunks[0]
+    check_rank("k_chunks[0]", ref, 5, "[B, Hkv, Cc, S, D]")
+    Cc, S = ref.shape[2], ref.shape[3]
+    check_shape("lengths", lengths, (B, H, C), "[B, Hkv, C]")
+    fp8 = ref.dtype == torch.float8_e4m3fn
+    if not (ref.is_floating_point() or fp8):
+        raise TypeError(f"k_chunks must be floating (or float8_e4m3fn), got {ref.dtype}")
+    for i, c in enumerate(k_chunks):
+        check_shape(f"k_chunks[{i}]", c, (B, H, Cc, S, D), "[B, Hkv, Cc, S, D]")
+        if c.dtype != ref.dtype or not c.is_contiguous():
+            raise ValueError(f"k_chunks[{i}] must be contiguous with the dtype of chunk 0 ({ref.dtype})")
+        if c.device != q.device and not (c.device.type == "cpu" and c.is_pinned()) and not interpreting():
+            raise ValueError(f"k_chunks[{i}] must be on {q.device} or in pinned host memory, got {c.device}")
+    if fp8:
+        if k_scale is None:
+            raise ValueError("fp8 chunks need k_scale [B, Hkv, LC] (one float32 scale per page and head)")
+        check_rank("k_scale", k_scale, 3, "[B, Hkv, LC]")
+        if k_scale.dtype != torch.float32 or k_scale.shape[:2] != (B, H) or k_scale.shape[2] < min(C, len(k_chunks) * Cc):
+            raise ValueError(f"k_scale must be float32 [B={B}, Hkv={H}, LC >= pages], got {k_scale.dtype} "
+                             f"{tuple(k_scale.shape)}")
+    if mask is not None:
+        check_rank("mask", mask, 3, "[B, Hkv, C]")
+        check_shape("mask", mask, (B, H, C), "[B, Hkv, C]")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        check_device("q", q, mask=mask)
+    check_device("q", q, lengths=lengths)
+    out, done = _scores_out(B, Hq, C, S, D, q.device)
+    if done:
+        return out
+    if table is None:
+        table = torch.tensor([c.data_ptr() for c in k_chunks], dtype=torch.int64).to(q.device)
+    scale = k_scale if fp8 else out  # placeholder pointer, never read
+    LC = k_scale.shape[2] if fp8 else 0
+    BLOCK_S = triton.next_power_of_2(S)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    PAGES = max(1, (64 if BLOCK_D <= 128 else 32) // BLOCK_S)
+    _pool_kernel[(B * H, triton.cdiv(C, PAGES))](
+        q, table, ref, lengths.contiguous(), scale, lengths if mask is None else mask.contiguous().view(torch.uint8),
+        out, H, C, Cc, LC, S, D, *q.stride(), *out.stride(),
+        G=G, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, PAGES=PAGES, FP8=fp8, HAS_MASK=mask is not None, num_warps=4,
+    )
+    return out
+
+
 def quest_page_scores(
     q: torch.Tensor,  # [B, Hq, D] float
     lo: torch.Tensor,  # [B, Hkv, C, D] float: per-page elementwise key minimum
@@ -293,6 +404,26 @@ def token_page_scores_ref(
     if mask is not None:
         out = out.masked_fill(~mask.unsqueeze(2), float("-inf"))
     return out.reshape(B, Hq, C)
+
+
+def pool_page_scores_ref(
+    q: torch.Tensor, k_chunks: list[torch.Tensor], lengths: torch.Tensor, *, k_scale: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference of ``pool_page_scores``: the chunks joined and dequantised, then ``exact_page_scores_ref``
+    over the first ``C`` pages (pages past the chunks are empty)."""
+    C = lengths.shape[2]
+    k = torch.cat([c.to(q.device) for c in k_chunks], 2).float()  # [B, H, cap, S, D]
+    if k_scale is not None and k_chunks[0].dtype == torch.float8_e4m3fn:
+        k = k * k_scale[:, :, : k.shape[2]].to(q.device)[..., None, None]
+    if k.shape[2] < C:
+        k = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, C - k.shape[2]))
+    out = exact_page_scores_ref(q.float(), k[:, :, :C], lengths)  # [B, Hq, C]
+    if mask is not None:
+        B, Hq, _ = q.shape
+        H = lengths.shape[1]
+        out = out.view(B, H, Hq // H, C).masked_fill(~mask.to(q.device).unsqueeze(2), float("-inf")).view(B, Hq, C)
+    return out
 
 
 def quest_page_scores_ref(

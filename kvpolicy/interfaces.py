@@ -147,6 +147,14 @@ class Index(Part):
         reads lives in storage named by the key (a new key makes the caller re-capture). Optional."""
         return None
 
+    def attach_pool(self, pool) -> bool:
+        """Offered, after ``build``, the layer's CPU page pool (``kvpolicy.pool.PagePool``) once it holds the
+        build's pages. From then on the layer writes every layout that ``build``/``add`` return into that pool
+        before the next ``search``, so page ``p`` of row ``b * Hkv + h`` holds this index's page ``p``, slot for
+        slot (``read_keys`` finds any stored token). An index that keeps keys only to score pages may read them
+        there and drop its own copy; it returns True if it does. Default: False (nothing changes). Optional."""
+        return False
+
 
 class Selector(Part):
     """Decides, at each decode step, which pages each KV head attends to besides its sink and window.

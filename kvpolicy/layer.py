@@ -234,6 +234,7 @@ class PolicyLayer:
         ta = time.perf_counter()
         self.stats.pool_alloc_s += ta - t1
         self.cpu_pool.write(layout, mid_k, mid_v, base=0)
+        self.index.attach_pool(self.cpu_pool)  # an index may read its keys there from now on (Index.attach_pool)
         self._max_pages = P
         t2 = time.perf_counter()
         self._setup_slots(self._num_slots_needed())

@@ -411,6 +411,20 @@ class PagePool:
             return out
         return out.float() * scale.view(-1)[rows * self.lengths.shape[2] + pages].unsqueeze(-1)
 
+    def read_keys(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """K of tokens by index-local id, wherever they are stored now: rows (``b * Hkv + h``) and tokens ``[n]``
+        int64 (each stored here) -> ``[n, D]`` float32 (fp8 dequantised). An index that reads its keys from this
+        pool (``Index.attach_pool``) gathers the keys of tokens it moves with it."""
+        if not self.track_tokens:
+            raise RuntimeError("PagePool.read_keys needs track_tokens=True (a slot pool keeps no token map)")
+        rows, tokens = rows.to(self.device), tokens.to(self.device)
+        T = self.token_page.shape[-1]
+        flat = rows * T + tokens
+        pages, offs = self.token_page.view(-1)[flat], self.token_offset.view(-1)[flat]
+        if bool((pages < 0).any()):
+            raise ValueError("read_keys asked for a token that this pool does not hold")
+        return self._get_tokens("k", rows, pages, offs).float()
+
     def write(self, layout: PageLayout, keys: torch.Tensor, values: torch.Tensor, base: int) -> None:
         """Write the pages of ``layout``.
 

@@ -51,7 +51,10 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
     from a CUDA graph (``cuda_graphs``) with page maxima from a Triton kernel (``fused_scores``);
     ``dense_scan_fraction`` is where the beam search scores all keys at once instead of gathering them.
     ``keys_on_host``: on a CUDA ``device``, the key store stays in pinned CPU memory and the masked search reads
-    only the scanned pages' keys. ``tables_on_host`` (with ``keys_on_host``): every table that grows with the
+    only the scanned pages' keys. ``keys_in_pool`` (with ``keys_on_host``): once the layer attaches its CPU page
+    pool (``attach_pool``: the pool's pages are this index's pages, slot for slot), the index drops its key store
+    and reads the keys there (the page-score kernel reads the pool's chunks in place, fp8 pages dequantised; ``add``
+    reads the keys of the tokens it re-projects from the pool), so the host holds the keys once. ``tables_on_host`` (with ``keys_on_host``): every table that grows with the
     tokens stays on the host too, and ``add`` runs there; the device keeps a *search mirror*, the few tables the
     masked search reads (int32 page table, page cells and lengths, subtree counts, centre keys and parents:
     about 2% of the layer's KV bytes at D = 128), refreshed for the pages each ``add`` changes
@@ -87,6 +90,7 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
     fused_scores: bool | None = None
     keys_on_host: bool = False
     tables_on_host: bool = False
+    keys_in_pool: bool = False
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -125,6 +129,11 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
         if self.tables_on_host and not self.keys_on_host:
             raise ValueError("tables_on_host keeps the index's tables in host memory beside its keys: it needs "
                              "keys_on_host=True")
+        if not isinstance(self.keys_in_pool, bool):
+            raise TypeError(f"keys_in_pool must be a bool, got {type(self.keys_in_pool).__name__}")
+        if self.keys_in_pool and not self.keys_on_host:
+            raise ValueError("keys_in_pool reads the keys from the layer's pinned CPU pool with the kernel of the "
+                             "keys_on_host search: it needs keys_on_host=True")
         if self.search_mode not in ("auto", "beam", "masked"):
             raise ValueError(f"search_mode must be 'auto', 'beam' or 'masked', got {self.search_mode!r}")
         torch.device(self.device)  # raises on an unknown device string
@@ -152,7 +161,10 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
                      "_cell_tok", "_M", "_u", "_scratch", "_c1_cell", "_c1_keys", "_c1_sq", "_last_scanned",
                      "_page_cell", "_cell_anc", "_mirror"):
             setattr(self, name, None)
-        self._keys: torch.Tensor | None = None  # [BH, T*, D] keys in the input dtype (pinned host: keys_on_host)
+        self._keys: torch.Tensor | None = None  # [BH, T*, D] keys in the input dtype (pinned host: keys_on_host;
+        #                                          None once an attached pool holds them: keys_in_pool)
+        self._kdtype: torch.dtype | None = None  # the keys' dtype
+        self._pool = None  # the layer's CPU PagePool the keys are read from (attach_pool)
         self._level_tok: list[torch.Tensor] = []  # token ids on each level (level 0 is not used)
         self._level_keys: list[torch.Tensor] = []  # [BH, N_l, D] float32 keys of each level's centres (level >= 1)
         self._level_par: list[torch.Tensor] = []  # [BH, N_l] cell holding each centre (level >= 1; search device)
@@ -169,6 +181,20 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
         self._L = 0  # number of levels
 
 
+    def attach_pool(self, pool) -> bool:
+        """With ``keys_in_pool`` and the keys on the host (a CUDA search): read keys from ``pool`` from now on and
+        drop the key store (see ``Index.attach_pool``). Otherwise nothing changes (False)."""
+        if not (self.keys_in_pool and self._host_keys) or self._sq is None:
+            return False
+        want = (self._B, self._H, self._S, self._D)
+        got = (pool.batch_size, pool.num_kv_heads, pool.page_size, pool.head_dim)
+        if got != want or pool.device.type != "cpu" or not pool.track_tokens:
+            raise ValueError(f"attach_pool needs a CPU pool of this index's pages (B, Hkv, S, D) = {want} that "
+                             f"tracks tokens, got {got} on {pool.device} (track_tokens={pool.track_tokens})")
+        self._pool, self._keys = pool, None
+        self._graph = None  # the captured search read the key store
+        return True
+
     # ---------------------------------------------------------------- state
     @property
     def num_tokens(self) -> int:
@@ -176,30 +202,30 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
 
     @property
     def num_pages(self) -> torch.Tensor:
-        if self._keys is None:
+        if self._sq is None:
             return torch.zeros((0, 0), dtype=torch.int64)
         return self._num_pages.view(self._B, self._H).clone()
 
     @property
     def nbytes(self) -> int:
-        if self._keys is None:
+        if self._sq is None:
             return 0
         return sum(t.nbytes for t in self._tensors())
 
     @property
     def device_nbytes(self) -> int:
         """Bytes held on a non-CPU device (with ``keys_on_host``, everything but the key store)."""
-        if self._keys is None:
+        if self._sq is None:
             return 0
         return sum(t.nbytes for t in self._tensors() if t.device.type != "cpu")
 
 
     def _tensors(self) -> list[torch.Tensor]:
         """Every tensor the index holds, each storage once (level 1's centre keys are ``_c1_keys``)."""
-        return unique_storages([
+        return unique_storages(t for t in [
             self._keys, self._sq, self._proj, self._parent, self._tok_page, self._tok_slot, self._tok_level,
             self._tok_cell, self._page_tok, self._page_len, self._page_cell, self._cell_pages, self._cell_npages,
             self._cell_size, self._cell_M, self._subtree, self._cell_tok, self._M, self._num_pages, self._u,
             self._scratch, self._c1_cell, self._c1_keys, self._c1_sq, self._cell_anc, *self._level_keys[1:],
             *self._level_par[1:], *self._level_cell[1:], *(self._mirror or ()),
-        ])
+        ] if t is not None)

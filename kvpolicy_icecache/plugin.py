@@ -38,11 +38,13 @@ def kvpolicy_register_presets():
         # projections and page tables on the GPU, keys in pinned CPU memory, read for the scanned pages only
         "icecache-hostkeys": {"selector": {"name": "icecache"}, "index": {"name": "dci_tree", "keys_on_host": True},
                               "transfer": "bulk_load", "dense_layers": [0, 1]},
-        # IceCache with a bounded GPU index (run it as icecache-bounded@cuda:uva): keys and every table that grows
-        # with the tokens in host memory, build and insertion on the host; the GPU keeps the search mirror (int32
-        # page table, page cells, subtree counts, centre keys: ~3% of the KV bytes at D = 128)
+        # IceCache with a bounded GPU index (run it as icecache-bounded@cuda:uva): every table that grows with the
+        # tokens in host memory, build and insertion on the host, and no key copy: the pages are scored from the
+        # CPU pool's keys in place (keys_in_pool); the GPU keeps the search mirror (int32 page table, page cells,
+        # subtree counts, centre keys: ~3% of the KV bytes at D = 128)
         "icecache-bounded": {"selector": {"name": "icecache"},
-                             "index": {"name": "dci_tree", "keys_on_host": True, "tables_on_host": True},
+                             "index": {"name": "dci_tree", "keys_on_host": True, "tables_on_host": True,
+                                       "keys_in_pool": True},
                              "transfer": "bulk_load", "dense_layers": [0, 1]},
         # ablation: DCI-tree pages ranked by the index alone, every layer sparse
         "icecache-index": {"selector": "index_topk", "index": {"name": "dci_tree"}},

@@ -297,3 +297,36 @@ def test_prefetched_followers_on_cuda_match_eager(transfer, index_device):
             if i in followers:
                 assert st.stats.prefetched_steps == st.stats.steps == 47
     assert caches[2].layers[5].state.stats.prefetched_steps == 47  # estimated from layer 4's attention input
+
+
+@pytest.mark.parametrize("pool_dtype", ["auto", "fp8"])
+def test_index_reading_the_pool_decodes_as_its_own_key_copy(pool_dtype):
+    """``icecache-bounded`` (``keys_in_pool``: the index scores pages from the pinned CPU pool's chunks in place,
+    no key copy) generates what the same policy with the index's own pinned key copy generates, across window
+    flushes and insertions (splits, re-projections read back from the pool). With an fp8 pool both score the
+    keys they hold, so only the bf16 pool is compared token for token; the fp8 one must decode and hold no keys."""
+    from kvpolicy.policy import Policy
+
+    if pool_dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 conversions need compute capability 8.9")
+    model = tiny_model("llama", layers=4).cuda()
+    ids = torch.randint(0, 128, (1, 900), generator=torch.Generator().manual_seed(6)).cuda()
+    base = Policy.resolve_placed("icecache-bounded@cuda:uva", budget=128).to_config()
+    outs, idx_bytes = [], []
+    for in_pool in (True, False):
+        cfg = {**base, "index": {**base["index"], "keys_in_pool": in_pool}, "cpu_pool_dtype": pool_dtype}
+        pol = Policy.from_config({**cfg, "dense_layers": [0]})
+        cache = KVPolicyCache(model, pol)
+        with torch.inference_mode():
+            outs.append(model.generate(ids, **cache_kwargs(cache), max_new_tokens=64, do_sample=False))
+        states = [cache.layers[i].state for i in cache.policy_layers]
+        assert all((s.index._keys is None) == in_pool for s in states)
+        assert all(s.index._pool is (s.cpu_pool if in_pool else None) for s in states)
+        for s in states:
+            s.index.validate()
+        idx_bytes.append(sum(s.index.nbytes for s in states))
+        assert cache.stats()["pages_inserted"] > 0
+    model.set_attn_implementation("sdpa")
+    if pool_dtype == "auto":
+        assert torch.equal(outs[0], outs[1])
+    assert idx_bytes[0] < idx_bytes[1] / 2  # the key copy was most of the index

@@ -288,21 +288,38 @@ def test_masked_search_equals_beam_search(T, seed, G, k, adds):
 
 _FUSED_INTERP = """
 import torch
+from kvpolicy.pool import PagePool
 from kvpolicy.testing import clustered_keys
 from kvpolicy.types import SearchParams
 from kvpolicy_icecache.dci_tree_index import DCITreeIndex
 for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4, 12, 3)]:
     keys = clustered_keys(B=1, H=2, T=T + 16 * adds, D=32, seed=seed).to(torch.bfloat16)
     q = torch.randn(1, 2 * G, 32, generator=torch.Generator().manual_seed(seed))
+    if adds:
+        keys[:, :, T + 16 * (adds - 1) :] *= 1.5  # the last add raises M: cells re-projected (keys read back)
     sels = []
-    for fused, host, tables in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
-        # (auto: keys_on_host takes the masked search)
+    for fused, host, tables, pool in ((False, False, False, None), (True, False, False, None),
+                                      (True, True, False, None), (True, True, True, None), (True, True, True, "auto"),
+                                      (True, False, False, "auto")):
+        # (auto: keys_on_host takes the masked search; pool: keys_in_pool, the keys read from a CPU page pool that
+        # holds the index's pages, as the layer attaches it)
         idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, search_mode="auto" if host else "masked",
-                           fused_scores=fused, keys_on_host=host, tables_on_host=tables)
-        lays = [idx.build(keys[:, :, :T], page_size=16).token_ids]
-        assert idx._host_keys == host and (idx._mirror is not None) == tables
+                           fused_scores=fused, keys_on_host=host or pool is not None, tables_on_host=tables,
+                           keys_in_pool=pool is not None)
+        lay = idx.build(keys[:, :, :T], page_size=16)
+        lays = [lay.token_ids]
+        if pool is not None:
+            pp = PagePool(1, 2, 16, 32, dtype=keys.dtype, device="cpu", capacity=int(lay.num_pages.max()),
+                          pin=False, pool_dtype=pool)
+            pp.write(lay, keys[:, :, :T], keys[:, :, :T], base=0)
+            assert idx.attach_pool(pp) and idx._keys is None
+        assert idx._host_keys == (host or pool is not None) and (idx._mirror is not None) == tables
         for i in range(adds):
-            lays.append(idx.add(keys[:, :, T + 16 * i : T + 16 * (i + 1)]).token_ids)
+            part = keys[:, :, T + 16 * i : T + 16 * (i + 1)]
+            lay = idx.add(part)
+            lays.append(lay.token_ids)
+            if pool is not None:
+                pp.write(lay, part, part, base=T + 16 * i)
         idx.validate()  # (tables on the host: the search mirror equals the host tables)
         if tables:
             assert all(torch.equal(a, b) for a, b in zip(lays, sels[-1][2])), "host tables changed the pages"
@@ -317,6 +334,27 @@ for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4,
     for other in sels[1:]:
         for a, b in zip(sels[0][0], other[0]):
             assert torch.equal(a, b), (T, seed, a, b)
+    assert sels[4][1] <= sels[3][1] - keys[:, :, :T].nbytes, "the index reading the pool still holds its keys"
+# an fp8 pool: the index scores the dequantised keys (and re-projects from them); it stays consistent, and its
+# selection stays close to the exact one
+keys = clustered_keys(B=1, H=2, T=1500, D=32, seed=5).to(torch.bfloat16)
+keys[:, :, 1400:] *= 1.5
+q = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(5))
+got = []
+for dtype in ("auto", "fp8"):
+    idx = DCITreeIndex(ratio_1=0.03, min_field_of_view=5, keys_on_host=True, tables_on_host=True, keys_in_pool=True)
+    lay = idx.build(keys[:, :, :1400], page_size=16)
+    pp = PagePool(1, 2, 16, 32, dtype=keys.dtype, device="cpu", capacity=int(lay.num_pages.max()), pin=False,
+                  pool_dtype=dtype)
+    pp.write(lay, keys[:, :, :1400], keys[:, :, :1400], base=0)
+    assert idx.attach_pool(pp)
+    for t in range(1400, 1500, 20):
+        lay = idx.add(keys[:, :, t : t + 20])
+        pp.write(lay, keys[:, :, t : t + 20], keys[:, :, t : t + 20], base=t)
+    idx.validate()
+    got.append(idx.search(q, 8).page_ids)
+same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got[0][0], got[1][0]))
+assert same >= 0.75 * got[0].numel(), (same, got)
 # what the search holds besides the key store, at the reference's ratio_1 and D = 128: under 5% of the K/V bytes
 keys = clustered_keys(B=1, H=2, T=20_000, D=128, seed=4).to(torch.bfloat16)
 idx = DCITreeIndex(keys_on_host=True, tables_on_host=True)

@@ -245,6 +245,39 @@ def check_token_page_scores(q, keys, page_tok) -> None:
     assert torch.equal(got_m[torch.isfinite(ref_m)], got[torch.isfinite(ref_m)])
 
 
+def check_pool_page_scores(q, chunks, lengths, k_scale=None) -> None:
+    """The chunked-pool kernel against its reference (fp8 chunks dequantised by their scales), over all pages
+    (more pages than the chunks hold: those are empty) and under a random page mask."""
+    from kvpolicy_kernels.page_scores import pool_page_scores, pool_page_scores_ref
+
+    got = pool_page_scores(q, chunks, lengths, k_scale=k_scale)
+    ref = pool_page_scores_ref(q, chunks, lengths, k_scale=k_scale)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref)) and torch.isneginf(ref).any()
+    fin = torch.isfinite(ref)
+    assert fin.any()
+    torch.testing.assert_close(got[fin], ref[fin], atol=1e-4, rtol=1e-4)
+    B, H, C = lengths.shape
+    mask = torch.rand(B, H, C, generator=torch.Generator().manual_seed(C)).to(q.device) < 0.4
+    got_m = pool_page_scores(q, chunks, lengths, k_scale=k_scale, mask=mask)
+    ref_m = pool_page_scores_ref(q, chunks, lengths, k_scale=k_scale, mask=mask)
+    assert torch.equal(torch.isneginf(got_m), torch.isneginf(ref_m))
+    assert torch.equal(got_m[torch.isfinite(ref_m)], got[torch.isfinite(ref_m)])
+
+
+def pool_chunks(B, H, Cc, n_chunks, S, D, g, *, fp8=False, pin=False):
+    """Random K chunks ``[B, H, Cc, S, D]`` (bf16, or fp8 with float32 per-page scales) and page lengths in
+    [0, S] for ``n_chunks * Cc + 5`` pages (the last five past the chunks, so empty)."""
+    C = n_chunks * Cc + 5
+    chunks = [torch.randn(B, H, Cc, S, D, generator=g).to(torch.float8_e4m3fn if fp8 else torch.bfloat16)
+              for _ in range(n_chunks)]
+    if pin:
+        chunks = [c.pin_memory() for c in chunks]
+    lengths = torch.randint(0, S + 1, (B, H, C), generator=g, dtype=torch.int32)
+    lengths[:, :, n_chunks * Cc:] = 0
+    scale = torch.rand(B, H, C + 3, generator=g) + 0.5 if fp8 else None
+    return chunks, lengths, scale
+
+
 @pytest.mark.cuda
 @needs_triton
 def test_window_length_on_the_device_cuda():
@@ -266,6 +299,19 @@ def test_token_page_scores_match_reference_cuda(D, G, store):
     keys = keys.cuda() if store == "device" else keys.pin_memory()
     check_token_page_scores(torch.randn(3, 2 * G, D, generator=g).cuda(), keys,
                             token_pages(3, 2, 5000, 400, 16, g).cuda())
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pool_page_scores_match_reference_cuda(G, fp8):
+    """Pinned host chunks read through unified addressing (the dci_tree index reading the CPU pool's keys)."""
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 conversions need compute capability 8.9")
+    g = torch.Generator().manual_seed(G)
+    chunks, lengths, scale = pool_chunks(2, 2, 64, 5, 16, 128, g, fp8=fp8, pin=True)
+    check_pool_page_scores(torch.randn(2, 2 * G, 128, generator=g).cuda(), chunks, lengths.cuda(), scale)
 
 
 def check_window_length(fn, device="cpu") -> None:
@@ -361,6 +407,8 @@ def _interpreter_check(check: str) -> None:  # runs in the child, TRITON_INTERPR
             torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-4, rtol=1e-4)
             keys = torch.randn(2, 2, 90, 32, generator=g).to(dtype)
             check_token_page_scores(torch.randn(2, 2 * G, 32, generator=g), keys, token_pages(2, 2, 90, 30, 4, g))
+            chunks, lengths, scale = pool_chunks(2, 2, 4, 3, 4, 32, g, fp8=G == 4)
+            check_pool_page_scores(torch.randn(2, 2 * G, 32, generator=g), chunks, lengths, scale)
             lo = torch.randn(2, 2, 70, 32, generator=g)
             hi = lo + torch.rand(2, 2, 70, 32, generator=g)
             num = torch.tensor([[70, 3], [0, 69]])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from kvpolicy.host_memory import pinned_empty
 from kvpolicy.ops import check_tensor, triton_available
 from kvpolicy.types import PAD, PageLayout
 from kvpolicy_icecache.dci_tree.promotion import _random_levels, promotion_levels
@@ -40,20 +41,20 @@ class TreeBuild:
     @property
     def level_sizes(self) -> list[int]:
         """Tokens on each level, bottom (level 0) first."""
-        if self._keys is None or self._n == 0:
+        if self._sq is None or self._n == 0:
             return []
         return torch.bincount(self._tok_level[: self._n], minlength=self._L).tolist()
 
     def token_pages(self) -> torch.Tensor:
         """Page of every token: ``[B, Hkv, T]`` int64."""
-        if self._keys is None:
+        if self._sq is None:
             return torch.zeros((0, 0, 0), dtype=torch.int64)
         return self._tok_page[:, : self._n].reshape(self._B, self._H, self._n).clone()
 
 
     def parents(self) -> torch.Tensor:
         """Parent of every token (the centre whose cell holds it; PAD for top-level tokens): [B, Hkv, T]."""
-        if self._keys is None:
+        if self._sq is None:
             return torch.zeros((0, 0, 0), dtype=torch.int64)
         par = self._cell_tok[self._parent[:, : self._n]]
         return par.reshape(self._B, self._H, self._n).clone()
@@ -62,7 +63,7 @@ class TreeBuild:
     # ---------------------------------------------------------------- capacity
     def _grow_tokens(self, n: int) -> None:
         """Make room for ``n`` tokens in every per-token table (capacity at least doubles when it grows)."""
-        cap = self._keys.shape[1]
+        cap = self._sq.shape[1]
         if n > cap:
             self._resize_tokens(max(n, 2 * cap, 64))
 
@@ -76,7 +77,10 @@ class TreeBuild:
             out.narrow(dim, 0, t.shape[dim]).copy_(t)
             return out
 
-        self._keys = grow(self._keys, 1, 0)
+        if self._keys is not None:  # (None: the keys are read from the layer's pool, see attach_pool)
+            keys = self._key_store(self._keys.shape[0], new, self._keys.shape[2], self._keys.dtype, self._keys.device)
+            keys[:, : self._keys.shape[1]] = self._keys
+            self._keys = keys
         self._sq = grow(self._sq, 1, 0)
         self._proj = grow(self._proj, 1, 0)
         self._parent = grow(self._parent, 1, PAD)
@@ -143,9 +147,20 @@ class TreeBuild:
             out.append(sc.argmax(-1))
         return torch.cat(out, 1) if out else torch.zeros((BH, 0), dtype=torch.int64, device=x.device)
 
-    def _gather_keys(self, flat: torch.Tensor) -> torch.Tensor:
-        """Rows ``flat`` of the key store as float32 [N, D], through a reused buffer (no fresh allocation:
-        on CPU a new multi-MB tensor costs more in page faults than the copy itself)."""
+    def _key_store(self, BH: int, cap: int, D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A zeroed key store [BH, cap, D]: page-locked in place on the host for a CUDA search (``pinned_empty``:
+        exactly the bytes asked for, returned to the system when freed), else on ``device``."""
+        if self._host_keys and self._sdev.type == "cuda":
+            return pinned_empty((BH, cap, D), dtype).zero_()
+        return torch.zeros((BH, cap, D), dtype=dtype, device=device)
+
+    def _gather_keys(self, rows: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+        """Keys of tokens ``toks`` of rows ``rows`` ([N] int64) as float32 [N, D], from the attached pool or the
+        key store, through a reused buffer (no fresh allocation: on CPU a new multi-MB tensor costs more in page
+        faults than the copy itself)."""
+        if self._pool is not None:  # the pool holds them (fp8 pages: dequantised)
+            return self._pool.read_keys(rows, toks).to(self._dev)
+        flat = rows * self._keys.shape[1] + toks
         N, D = flat.numel(), self._D
         if self._host_keys:  # rows picked on the host, then moved (add() re-projections: a background job)
             return torch.index_select(self._keys.view(-1, D), 0, flat.cpu()).to(self._dev).float()
@@ -175,9 +190,9 @@ class TreeBuild:
         self._B, self._H, self._D, self._S, self._n = B, H, D, S, T
         cap = T + max(256, T // 8)  # headroom for add() before the first (copying) growth
         kd = keys.detach().to(dev).reshape(BH, T, D)
-        self._keys = torch.zeros((BH, cap, D), dtype=keys.dtype, device="cpu" if self._host_keys else dev,
-                                 pin_memory=self._host_keys and dev.type == "cuda")
-        self._keys[:, :T] = kd
+        self._kdtype = keys.dtype
+        self._keys = self._key_store(BH, cap, D, keys.dtype, torch.device("cpu") if self._host_keys else dev)
+        self._keys[:, :T] = kd  # (keys_in_pool: until the layer's pool takes over, see attach_pool)
         kf = kd.float()
         self._sq = self._sqnorm(kf)  # [BH, T]
         self._M = self._sq.amax(-1) if T else torch.zeros(BH, device=dev)  # [BH]
@@ -233,7 +248,7 @@ class TreeBuild:
         self._cell_npages = torch.zeros((BH, C), dtype=torch.int64, device=dev)
         self._cell_size = torch.zeros((BH, C), dtype=torch.int64, device=dev)
         self._cell_M = self._M[:, None].expand(BH, C).clone()
-        self._scratch = torch.empty((0, D), dtype=self._keys.dtype, device=dev)
+        self._scratch = torch.empty((0, D), dtype=keys.dtype, device=dev)
         self._subtree = torch.zeros((BH, C), dtype=torch.int64, device=dev)
         self._cell_anc = self._ancestors()  # [BH, C, L+1] fixed after build (centres and their parents are)
 
@@ -378,9 +393,9 @@ class TreeBuild:
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
         """Raise ValueError unless the internal structure is consistent (used by tests)."""
-        if self._keys is None:
+        if self._sq is None:
             return
-        BH, n, S = self._keys.shape[0], self._n, self._S
+        BH, n, S = self._sq.shape[0], self._n, self._S
         rows = torch.arange(BH, device=self._dev)[:, None]
         tp, ts = self._tok_page[:, :n], self._tok_slot[:, :n]
         if bool((tp < 0).any()) or bool((tp >= self._num_pages[:, None]).any()):

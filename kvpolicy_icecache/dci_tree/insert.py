@@ -29,7 +29,7 @@ class TreeInsert:
 
     def add(self, keys: torch.Tensor) -> PageLayout:
         check_tensor("keys", keys, 4, dims="[B, Hkv, n, D]")
-        if self._keys is None:
+        if self._sq is None:
             raise RuntimeError("DCITreeIndex.add() before build()")
         B, H, D = self._B, self._H, self._D
         if keys.shape[0] != B or keys.shape[1] != H or keys.shape[3] != D:
@@ -40,8 +40,9 @@ class TreeInsert:
             return self._layout(torch.full((BH, 0), PAD, dtype=torch.int64, device=dev))
         t0, t1 = self._n, self._n + n
         self._grow_tokens(t1)
-        kd = keys.detach().to(dev, self._keys.dtype).reshape(BH, n, D)
-        self._keys[:, t0:t1] = kd  # (keys_on_host: a copy to the host, in the insertion job)
+        kd = keys.detach().to(dev, self._kdtype).reshape(BH, n, D)
+        if self._keys is not None:  # (keys_on_host: a copy to the host, in the insertion job; keys_in_pool: none)
+            self._keys[:, t0:t1] = kd
         kf = kd.float()
         sq = self._sqnorm(kf)
         self._sq[:, t0:t1] = sq
@@ -76,7 +77,7 @@ class TreeInsert:
         m_group, m_tok = self._page_members(c_row, c_exist)  # existing members of those cells
         if m_tok.numel():  # re-project them with the new M
             m_row = c_row[m_group]
-            km = self._gather_keys(m_row * self._keys.shape[1] + m_tok)
+            km = self._gather_keys(m_row, m_tok)
             self._proj[m_row, m_tok] = self._project(km[None], self._sq[m_row, m_tok][None], M[m_row][None])[0]
         self._cell_M[c_row, c_cell] = M[c_row]
         w_group = torch.searchsorted(ckey, rows[whole] * C + par[whole])

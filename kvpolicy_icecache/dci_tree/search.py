@@ -98,7 +98,7 @@ class TreeSearch:
 
     def _check_queries(self, queries: torch.Tensor) -> int:
         check_tensor("queries", queries, 3, dims="[B, Hq, D]")
-        if self._keys is None:
+        if self._sq is None:
             raise RuntimeError("DCITreeIndex.search() before build()")
         B, H, D = self._B, self._H, self._D
         if queries.shape[0] != B or queries.shape[-1] != D or queries.shape[1] % H or queries.shape[1] == 0:
@@ -126,8 +126,8 @@ class TreeSearch:
         if dense is not None:
             s = dense.gather(-1, toks.clamp(min=0)[:, None].expand(BH, q.shape[1], R * S))
         else:
-            flat = (rows * self._keys.shape[1] + toks.clamp(min=0)).reshape(-1)
-            kk = self._gather_keys(flat).view(BH, R * S, D)
+            kk = self._gather_keys(rows.expand(BH, R * S).reshape(-1), toks.clamp(min=0).reshape(-1))
+            kk = kk.view(BH, R * S, D)
             s = torch.bmm(kk, q.transpose(1, 2)).transpose(1, 2)  # [BH, G, R*S]
         return toks, s.masked_fill(~valid[:, None], _NEG_INF)
 
@@ -220,12 +220,15 @@ class TreeSearch:
     def _tables(self) -> tuple[torch.Tensor, ...]:
         """The tables the masked search reads (``add`` updates them in place until it reallocates one)."""
         per_token = (self._tok_page,) if self._mirror is None else ()  # (the dense, unfused page maxima)
-        return (self._keys, *per_token, *self._search_tables())
+        if self._pool is None:
+            return (self._keys, *per_token, *self._search_tables())
+        keys = (self._pool.chunk_tables(self._sdev)[0],) + ((self._pool.k_scale,) if self._pool.fp8 else ())
+        return (*keys, *per_token, *self._search_tables())  # (a new chunk table when the pool grows)
 
     def capture_key(self, k: int, params: SearchParams | None = None) -> tuple | None:
         """The masked search on CUDA is capturable (no host sync, fixed shapes); the exhaustive path is not
         offered. The key pins the tables' storage, ``k`` and the field of view (which grows with the context)."""
-        if self._keys is None or self._sdev.type != "cuda" or self._n == 0 or k == 0:
+        if self._sq is None or self._sdev.type != "cuda" or self._n == 0 or k == 0:
             return None
         fov, pr, pv = self._params(params)
         if self._L <= 1 or k >= self._min_pages or not self._masked(pr, pv) or min(pr, pv) < 1.0:
@@ -389,12 +392,19 @@ class TreeSearch:
         return self._rank_pages(self._dense_scores(q), k, merge)
 
     def _page_maxima(self, q: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
-        """Best token score of each page by the fused kernel, keys read in place through the page table:
-        q [BH, G, D] float32, load [BH, P*] bool (pages to read; None: all) -> [BH, G, P*]."""
-        from kvpolicy_kernels.page_scores import token_page_scores
+        """Best token score of each page by the fused kernel, keys read in place through the page table, or from
+        the attached pool's pages (``keys_in_pool``): q [BH, G, D] float32, load [BH, P*] bool (pages to read;
+        None: all) -> [BH, G, P*]."""
+        from kvpolicy_kernels.page_scores import pool_page_scores, token_page_scores
 
-        return token_page_scores(q.contiguous(), self._keys[:, None], self._search_tables().page_tok[:, None],
-                                 None if load is None else load[:, None])
+        st, mask = self._search_tables(), None if load is None else load[:, None]
+        if self._pool is None:
+            return token_page_scores(q.contiguous(), self._keys[:, None], st.page_tok[:, None], mask)
+        pool, BH = self._pool, q.shape[0]
+        chunks = [c.view(BH, 1, *c.shape[2:]) for c in pool.k_chunks]  # [B, Hkv, Cc, S, D] -> one row per (b, h)
+        scale = pool.k_scale.view(BH, 1, -1) if pool.fp8 else None
+        return pool_page_scores(q.contiguous(), chunks, st.page_len[:, None], k_scale=scale, mask=mask,
+                                table=pool.chunk_tables(self._sdev)[0])
 
     def _rank_pages(self, s: torch.Tensor, k: int, merge: str = "interleave") -> tuple[torch.Tensor, torch.Tensor]:
         """Pages ranked by their best token score. s [BH, G, n] (-inf: not scanned) -> (ids [BH, G', min(k, P*)],
