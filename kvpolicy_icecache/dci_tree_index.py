@@ -193,6 +193,8 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
                              f"tracks tokens, got {got} on {pool.device} (track_tokens={pool.track_tokens})")
         self._pool, self._keys = pool, None
         self._graph = None  # the captured search read the key store
+        if self._mirror is not None:
+            self._make_mirror()  # without the page table: the pool's pages need none
         return True
 
     # ---------------------------------------------------------------- state

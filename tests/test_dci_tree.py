@@ -313,6 +313,7 @@ for T, seed, G, k, adds in [(700, 1, 4, 6, 2), (2000, 2, 1, 20, 0), (1300, 3, 4,
                           pin=False, pool_dtype=pool)
             pp.write(lay, keys[:, :, :T], keys[:, :, :T], base=0)
             assert idx.attach_pool(pp) and idx._keys is None
+            assert idx._mirror is None or idx._mirror.page_tok.numel() == 0  # no page table needed on the device
         assert idx._host_keys == (host or pool is not None) and (idx._mirror is not None) == tables
         for i in range(adds):
             part = keys[:, :, T + 16 * i : T + 16 * (i + 1)]

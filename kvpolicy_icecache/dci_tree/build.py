@@ -439,7 +439,8 @@ class TreeBuild:
             raise ValueError("the page -> cell table disagrees with the pages' tokens")
         if self._mirror is not None:
             m = self._mirror
-            for name, host in (("page_tok", self._page_tok), ("page_len", self._page_len),
+            tok = () if self._pool is not None else (("page_tok", self._page_tok),)  # (keys_in_pool: not mirrored)
+            for name, host in (*tok, ("page_len", self._page_len),
                                ("page_cell", self._page_cell), ("num_pages", self._num_pages),
                                ("subtree", self._subtree)):
                 if not torch.equal(getattr(m, name).cpu().long(), host.cpu()):

@@ -9,7 +9,8 @@ The masked search reads none of them per token. What it reads is kept here, on t
 table                shape, dtype         use
 ===================  ===================  ===========================================================
 ``page_tok``         [BH, P*, S] int32    token ids of each page: the page-score kernel reads the host
-                                          key store through it (4 bytes per token)
+                                          key store through it (4 bytes per token); empty ``[BH, 0, S]``
+                                          once the keys are read from the layer's pool (``keys_in_pool``)
 ``page_len``         [BH, P*] int32       tokens of each page (the scanned fraction)
 ``page_cell``        [BH, P*] int32       cell holding each page (is the page in the frontier?)
 ``num_pages``        [BH] int64           pages of each (b, head)
@@ -67,7 +68,8 @@ class TreeMirror:
         """A fresh device copy of the searched tables (new storage: a captured search is captured again)."""
         dev = self._sdev
         self._mirror = SearchTables(
-            page_tok=self._page_tok.to(dev, torch.int32),
+            page_tok=self._page_tok[:, :0].to(dev, torch.int32) if self._pool is not None
+            else self._page_tok.to(dev, torch.int32),
             page_len=self._page_len.to(dev, torch.int32),
             page_cell=self._page_cell.to(dev, torch.int32),
             num_pages=self._num_pages.to(dev),
@@ -80,12 +82,13 @@ class TreeMirror:
         m = self._mirror
         if m is None:
             return
-        if m.page_tok.shape[1] < self._page_tok.shape[1]:
+        if m.page_len.shape[1] < self._page_len.shape[1]:
             self._make_mirror()
             return
         dev = self._sdev
         idx = (rows.to(dev), pages.to(dev))
-        m.page_tok.index_put_(idx, self._page_tok[rows, pages].to(dev, torch.int32))
+        if self._pool is None:
+            m.page_tok.index_put_(idx, self._page_tok[rows, pages].to(dev, torch.int32))
         m.page_len.index_put_(idx, self._page_len[rows, pages].to(dev, torch.int32))
         m.page_cell.index_put_(idx, self._page_cell[rows, pages].to(dev, torch.int32))
         m.num_pages.copy_(self._num_pages)
