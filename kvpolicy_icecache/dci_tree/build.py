@@ -113,7 +113,7 @@ class TreeBuild:
     # ---------------------------------------------------------------- geometry
     @staticmethod
     def _sqnorm(k: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(k, dim=-1).square()
+        return torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).square()  # (no float32 copy of k)
 
     @staticmethod
     def _lift_coord(sq: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -125,8 +125,13 @@ class TreeBuild:
     def _project(self, k: torch.Tensor, sq: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
         """Projections of lifted keys ``[k, sqrt(M - |k|^2)]`` on the directions (reference ``data_projection``).
 
-        k [BH, n, D] float, sq [BH, n], M [BH] or [BH, n] -> [BH, n, num_simple * num_composite] float32."""
-        D = self._D
+        k [BH, n, D] float (bf16/fp16: converted a chunk at a time), sq [BH, n], M [BH] or [BH, n] -> [BH, n,
+        num_simple * num_composite] float32."""
+        D, n = self._D, k.shape[1]
+        if k.dtype != torch.float32 and n:
+            step = max(1, _CHUNK_ELEMS // max(1, k.shape[0] * D))
+            return torch.cat([self._project(k[:, s : s + step].float(), sq[:, s : s + step],
+                                            M if M.dim() == 1 else M[:, s : s + step]) for s in range(0, n, step)], 1)
         return k @ self._u[:, :D].T + self._lift_coord(sq, M)[..., None] * self._u[:, D]
 
     def _nearest(self, x: torch.Tensor, sqx: torch.Tensor, c: torch.Tensor, sqc: torch.Tensor,
@@ -134,7 +139,8 @@ class TreeBuild:
         """Index of the nearest centre under the lifted key-key distance
         ``M - x.c - sqrt((M - |x|^2)(M - |c|^2))``, i.e. the argmax of ``x.c + sqrt(..)sqrt(..)``.
 
-        x [BH, n, D], c [BH, m, D] float; M [BH] -> [BH, n] int64 in [0, m). Exact, chunked over n."""
+        x [BH, n, D] (any float dtype: converted a chunk at a time), c [BH, m, D] float32; M [BH] -> [BH, n]
+        int64 in [0, m). Exact, chunked over n."""
         BH, n, _ = x.shape
         m = c.shape[1]
         ct = c.transpose(1, 2)  # [BH, D, m]
@@ -142,7 +148,7 @@ class TreeBuild:
         step = max(1, _CHUNK_ELEMS // max(1, BH * m))
         out = []
         for s in range(0, n, step):
-            sc = torch.bmm(x[:, s : s + step], ct)
+            sc = torch.bmm(x[:, s : s + step].float(), ct)
             sc.baddbmm_(self._lift_coord(sqx[:, s : s + step], M)[:, :, None], ac)  # + a_x a_c (rank-1)
             out.append(sc.argmax(-1))
         return torch.cat(out, 1) if out else torch.zeros((BH, 0), dtype=torch.int64, device=x.device)
@@ -193,7 +199,8 @@ class TreeBuild:
         self._kdtype = keys.dtype
         self._keys = self._key_store(BH, cap, D, keys.dtype, torch.device("cpu") if self._host_keys else dev)
         self._keys[:, :T] = kd  # (keys_in_pool: until the layer's pool takes over, see attach_pool)
-        kf = kd.float()
+        kf = kd  # the model's dtype: the steps below convert what they read to float32 (a float32 copy of the
+        #          keys was the largest transient of a long build: 4 GiB per layer at 1M tokens, 8 heads of 128)
         self._sq = self._sqnorm(kf)  # [BH, T]
         self._M = self._sq.amax(-1) if T else torch.zeros(BH, device=dev)  # [BH]
         g = torch.Generator().manual_seed(self.seed)
@@ -216,7 +223,7 @@ class TreeBuild:
         self._parent = torch.zeros((BH, T), dtype=torch.int64, device=dev)
         for lvl in range(self._L - 2, -1, -1):
             up = torch.nonzero(self._tok_level == lvl + 1).flatten()
-            kc, sqc = kf[:, up], self._sq[:, up]
+            kc, sqc = kf[:, up].float(), self._sq[:, up]
             if lvl == 0:  # ~99% of the tokens: score all of them in place (no copy), keep level 0's
                 near = self._nearest(kf, self._sq, kc, sqc, self._M)
                 self._parent = torch.where(self._tok_level == 0, self._tok_cell[up][near], self._parent)
@@ -229,13 +236,13 @@ class TreeBuild:
         # level-1 centres (fixed after build): new tokens of add() go under the nearest of them
         c1 = torch.nonzero(self._tok_level == 1).flatten()
         self._c1_cell = self._tok_cell[c1]  # [N1]
-        self._c1_keys = kf.index_select(1, c1).clone()  # [BH, N1, D] float32
+        self._c1_keys = kf.index_select(1, c1).float()  # [BH, N1, D] float32 (a copy)
         self._c1_sq = self._sq.index_select(1, c1)  # [BH, N1]
         # tokens of each upper level (fixed after build: add() puts new tokens on level 0), for masked search
         self._level_tok = [c1[:0]] + [torch.nonzero(self._tok_level == lvl).flatten() for lvl in range(1, self._L)]
         # their keys on the search device (the centre scores of the masked search read no key store)
         self._level_keys = [self._c1_keys[:, :0]] + [
-            self._c1_keys if lvl == 1 else kf.index_select(1, self._level_tok[lvl]) for lvl in range(1, self._L)]
+            self._c1_keys if lvl == 1 else kf.index_select(1, self._level_tok[lvl]).float() for lvl in range(1, self._L)]
         self._level_par = [self._parent[:, :0]] + [self._parent[:, t] for t in self._level_tok[1:]]  # [BH, N_l]
         self._level_cell = [self._tok_cell[:0]] + [self._tok_cell[t] for t in self._level_tok[1:]]  # [N_l]
         self._tok_page = torch.full((BH, T), PAD, dtype=torch.int64, device=dev)
