@@ -95,12 +95,13 @@ def _exact_kernel(
 
 @triton.jit(do_not_specialize=["H", "C", "CC", "LC"])
 def _pool_kernel(
-    q_ptr, k_tbl, k_ref, len_ptr, scale_ptr, mask_ptr, out_ptr,  # k_tbl: [n_chunks] int64 chunk addresses
+    q_ptr, k_off, k_ref, len_ptr, scale_ptr, mask_ptr, out_ptr,  # k_off: [n_chunks] int64 element offsets of
+    #   the chunks from chunk 0 (k_ref): loads through k_ref keep its alignment, so they vectorise (ALIGN)
     H, C, CC, LC, S, D,  # len/mask: [B*H, C]; scale: [B*H, LC] float32 (FP8); chunks: [B*H*CC, S, D]
     sq_b, sq_h, sq_d,
     so_b, so_h, so_c,
     G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PAGES: tl.constexpr, FP8: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, ALIGN: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
@@ -117,9 +118,11 @@ def _pool_kernel(
     n = tl.load(len_ptr + bh * C + page, mask=live, other=0)  # pages are filled from slot 0
     ok = live & (pos < n) & (pos < S)
     chunk = page // CC
-    base = tl.load(k_tbl + chunk, mask=ok, other=0).to(k_ref.dtype)  # int64 addresses -> pointers, per token
-    row = ((bh * CC + (page - chunk * CC)) * S + pos) * D
-    k = tl.load(base[:, None] + row[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+    delta = tl.load(k_off + chunk, mask=ok, other=0)  # [T] where each token's chunk starts, from chunk 0
+    if ALIGN > 1:
+        delta = tl.multiple_of(delta, ALIGN)
+    row = delta + ((bh * CC + (page - chunk * CC)) * S + pos) * D
+    k = tl.load(k_ref + row[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)  # [T, BLOCK_D]
     if FP8:
         k = k * tl.load(scale_ptr + bh * LC + page, mask=ok, other=0.0)[:, None]
@@ -270,12 +273,15 @@ def pool_page_scores(
     *,
     k_scale: torch.Tensor | None = None,  # [B, Hkv, LC] float32 per-(page, head) scales of fp8 chunks (LC >= C')
     mask: torch.Tensor | None = None,  # [B, Hkv, C] bool: pages to score (None: all)
-    table: torch.Tensor | None = None,  # [n_chunks] int64 chunk addresses on q's device (PagePool.chunk_tables)
+    offsets: torch.Tensor | None = None,  # [n_chunks] int64 element offsets of the chunks from chunk 0, on q's
+    #                                       device (PagePool.chunk_offsets)
 ) -> torch.Tensor:  # [B, Hq, C] float32, -inf for empty pages and pages left out by the mask
     """Max ``q . k`` over each page's valid tokens, the keys read in place from the chunks of a page pool (page
     ``p`` in chunk ``p // Cc`` at ``p % Cc``; fp8 keys times their page's scale), exact float32 products. Only the
     pages that ``mask`` keeps are read, so a pinned host pool costs PCIe traffic for the scored pages only.
-    ``table`` is made here when not given (a host-to-device copy: pass the pool's cached one on the hot path)."""
+    ``offsets`` is made here when not given (a host-to-device copy: pass the pool's cached one on the hot path).
+    The kernel addresses every chunk from chunk 0's pointer, so its loads keep that pointer's alignment and
+    vectorise (an address loaded from a table carries no alignment: 2-byte loads, slow across PCIe)."""
     check_rank("q", q, 3, "[B, Hq, D]")
     check_rank("lengths", lengths, 3, "[B, Hkv, C]")
     if q.dtype != torch.float32:
@@ -300,6 +306,8 @@ def pool_page_scores(
         if c.device != q.device and not (c.device.type == "cpu" and c.is_pinned()) and not interpreting():
             raise ValueError(f"k_chunks[{i}] must be on {q.device} or in pinned host memory, got {c.device}")
     if fp8:
+        if k_scale is not None and k_scale.device != q.device and not k_scale.is_pinned() and not interpreting():
+            raise ValueError(f"k_scale must be on {q.device} or in pinned host memory, got {k_scale.device}")
         if k_scale is None:
             raise ValueError("fp8 chunks need k_scale [B, Hkv, LC] (one float32 scale per page and head)")
         check_rank("k_scale", k_scale, 3, "[B, Hkv, LC]")
@@ -316,17 +324,23 @@ def pool_page_scores(
     out, done = _scores_out(B, Hq, C, S, D, q.device)
     if done:
         return out
-    if table is None:
-        table = torch.tensor([c.data_ptr() for c in k_chunks], dtype=torch.int64).to(q.device)
+    size = ref.element_size()
+    if offsets is None:
+        offsets = torch.tensor([(c.data_ptr() - ref.data_ptr()) // size for c in k_chunks], dtype=torch.int64)
+        offsets = offsets.to(q.device)
+    vec = 16 // size  # elements per 16-byte load, if every chunk start and row is 16-byte aligned
+    align = vec if all((c.data_ptr() % 16) == 0 for c in k_chunks) and (D * size) % 16 == 0 else 1
     scale = k_scale if fp8 else out  # placeholder pointer, never read
     LC = k_scale.shape[2] if fp8 else 0
     BLOCK_S = triton.next_power_of_2(S)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     PAGES = max(1, (64 if BLOCK_D <= 128 else 32) // BLOCK_S)
     _pool_kernel[(B * H, triton.cdiv(C, PAGES))](
-        q, table, ref, lengths.contiguous(), scale, lengths if mask is None else mask.contiguous().view(torch.uint8),
-        out, H, C, Cc, LC, S, D, *q.stride(), *out.stride(),
-        G=G, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, PAGES=PAGES, FP8=fp8, HAS_MASK=mask is not None, num_warps=4,
+        q, offsets, ref, lengths.contiguous(), scale,
+        lengths if mask is None else mask.contiguous().view(torch.uint8), out, H, C, Cc, LC, S, D,
+        *q.stride(), *out.stride(),
+        G=G, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, PAGES=PAGES, FP8=fp8, HAS_MASK=mask is not None, ALIGN=align,
+        num_warps=4,
     )
     return out
 

@@ -328,7 +328,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench_capacity(args) -> int:
-
+    # runs of growing length in one process fragment the CUDA caching allocator (a 1M-token run once failed with
+    # 30 GiB reserved but unallocated): expandable segments, unless the user set the allocator up (before torch
+    # initialises CUDA)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     from kvpolicy.bench.capacity import CapacityBenchConfig, bench_capacity, plot_capacity, print_capacity

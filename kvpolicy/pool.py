@@ -122,6 +122,7 @@ class PagePool:
             self.token_page = torch.full((B, H, 0), PAD, dtype=torch.int64, device=self.device)  # [B, Hkv, T]
             self.token_offset = torch.full((B, H, 0), PAD, dtype=torch.int64, device=self.device)  # [B, Hkv, T]
         self._tables: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}  # see chunk_tables
+        self._offsets: dict[torch.device, tuple[int, torch.Tensor]] = {}  # see chunk_offsets
         _POOLS.add(self)
         self.ensure_capacity(capacity)
 
@@ -299,6 +300,18 @@ class PagePool:
             hit = self._tables[dev] = (self.num_chunks, k, v)
         return hit[1], hit[2]
 
+    def chunk_offsets(self, device: torch.device | str) -> torch.Tensor:
+        """``[num_chunks]`` int64 element offsets of the K chunks from K chunk 0, on ``device``: what a kernel that
+        addresses every chunk through chunk 0's pointer indexes (``kvpolicy_kernels.page_scores.pool_page_scores``).
+        Made once per device and chunk count, like ``chunk_tables``."""
+        dev = torch.device(device)
+        hit = self._offsets.get(dev)
+        if hit is None or hit[0] != self.num_chunks:
+            base, size = self.k_chunks[0].data_ptr(), self.k_chunks[0].element_size()
+            off = torch.tensor([(c.data_ptr() - base) // size for c in self.k_chunks], dtype=torch.int64).to(dev)
+            hit = self._offsets[dev] = (self.num_chunks, off)
+        return hit[1]
+
     # ------------------------------------------------------------------ reads
     def _gather(self, name: str, rows: torch.Tensor, pages: torch.Tensor, out: torch.Tensor | None):
         """One of K/V: (pages ``[M, S, D]`` as stored, scales ``[M]`` or None); rows, pages ``[M]`` on the device."""
@@ -384,16 +397,16 @@ class PagePool:
         destination would be staged)."""
         chunks, scale = self._chunks(name)
         BH, M, S, D = x.shape
-        if self.fp8:
-            x, s = quantize(x)  # [BH, M, S, D] fp8, [BH, M]
-            scale.view(BH, -1)[:, :M].copy_(s)
-        x = x.to(self.storage_dtype).view(BH, M, S * D)
-        q0 = 0
-        for c, a, b in self.spans(0, M):
-            dst = chunks[c].view(BH, self.chunk_pages, S * D)
-            for r in range(BH):
-                dst[r, a:b].copy_(x[r, q0:q0 + b - a])
-            q0 += b - a
+        for r in range(BH):  # one row at a time: fp8 quantises one row's float32 copy, not the layer's
+            xr = x[r]
+            if self.fp8:
+                xr, s = quantize(xr)  # [M, S, D] fp8, [M]
+                scale.view(BH, -1)[r, :M].copy_(s)
+            xr = xr.to(self.storage_dtype).view(M, S * D)
+            q0 = 0
+            for c, a, b in self.spans(0, M):
+                chunks[c].view(BH, self.chunk_pages, S * D)[r, a:b].copy_(xr[q0:q0 + b - a])
+                q0 += b - a
 
     def _get_tokens(self, name: str, rows: torch.Tensor, pages: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Tokens this pool holds: rows, pages, offsets ``[n]`` -> ``[n, D]`` float32 for fp8, else the pool dtype."""
@@ -435,12 +448,17 @@ class PagePool:
         if not self.track_tokens:
             raise RuntimeError("PagePool.write needs track_tokens=True (a slot pool is written by a Transfer)")
         src_dev = keys.device  # new tokens are gathered where they are (e.g. on the GPU), then moved once
-        work = torch.float32 if self.fp8 else self.dtype  # fp8: pages are assembled in float32, then quantised
-        keys, values = keys.to(dtype=work), values.to(device=src_dev, dtype=work)
         n = keys.shape[2]
         pids, tids = layout.page_ids.to(self.device), layout.token_ids.to(self.device)  # [B,H,M], [B,H,M,S]
         if pids.numel() == 0:
             return
+        # fp8: pages that mix in tokens already held (dequantised, float32) are assembled in float32, then
+        # quantised; a build's pages (all new) stay in the model's dtype until each row is quantised (_put_rows):
+        # a float32 copy of a long layer was the fill's largest GPU transient (4.3 GiB per tensor at 1M tokens)
+        held = tids[tids >= 0]
+        build = held.numel() == 0 or int(held.min()) >= base  # no token this pool already holds is moved
+        work = torch.float32 if self.fp8 and not build else self.dtype
+        keys, values = keys.to(dtype=work), values.to(device=src_dev, dtype=work)
         self.ensure_capacity(int(pids.max()) + 1)
         self._ensure_tokens(base + n)
         B, H, M, S = tids.shape

@@ -311,7 +311,8 @@ def test_pool_page_scores_match_reference_cuda(G, fp8):
         pytest.skip("fp8 conversions need compute capability 8.9")
     g = torch.Generator().manual_seed(G)
     chunks, lengths, scale = pool_chunks(2, 2, 64, 5, 16, 128, g, fp8=fp8, pin=True)
-    check_pool_page_scores(torch.randn(2, 2 * G, 128, generator=g).cuda(), chunks, lengths.cuda(), scale)
+    check_pool_page_scores(torch.randn(2, 2 * G, 128, generator=g).cuda(), chunks, lengths.cuda(),
+                           None if scale is None else scale.pin_memory())
 
 
 def check_window_length(fn, device="cpu") -> None:

@@ -194,6 +194,9 @@ def bench_capacity(model, cfg: CapacityBenchConfig, *, model_name: str = "", pro
         done = 0
         prev = None  # this variant's last row that ran
         for length in _lengths(cfg):
+            fit = _fit_context(max_ctx, cfg.steps)
+            if fit and length > fit and (prev is None or prev["length"] < fit):
+                length = fit  # the doubling overshoots the model's context: the last try is the context itself
             short = _host_shortfall(prev, length)
             if max_ctx and length + cfg.steps + 1 > max_ctx:
                 row = {"bench": "capacity", "variant": vname, "length": length, "fill": cfg.fill,
@@ -218,6 +221,14 @@ def bench_capacity(model, cfg: CapacityBenchConfig, *, model_name: str = "", pro
     if bar is not None:
         bar.close()
     return _with_max(rows)
+
+
+def _fit_context(max_ctx: int | None, steps: int) -> int | None:
+    """The longest prompt, a multiple of 1,024, whose decode steps stay inside the model's context (None: no
+    limit). E.g. 1,047,552 for a 1,048,576-token model: a doubling from 262,144 tries it instead of 1,048,576."""
+    if not max_ctx:
+        return None
+    return (max_ctx - steps - 1) // 1024 * 1024
 
 
 def _available_host_bytes() -> int | None:

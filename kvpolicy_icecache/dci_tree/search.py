@@ -222,7 +222,7 @@ class TreeSearch:
         per_token = (self._tok_page,) if self._mirror is None else ()  # (the dense, unfused page maxima)
         if self._pool is None:
             return (self._keys, *per_token, *self._search_tables())
-        keys = (self._pool.chunk_tables(self._sdev)[0],) + ((self._pool.k_scale,) if self._pool.fp8 else ())
+        keys = (self._pool.chunk_offsets(self._sdev),) + ((self._pool.k_scale,) if self._pool.fp8 else ())
         return (*keys, *per_token, *self._search_tables())  # (a new chunk table when the pool grows)
 
     def capture_key(self, k: int, params: SearchParams | None = None) -> tuple | None:
@@ -404,7 +404,7 @@ class TreeSearch:
         chunks = [c.view(BH, 1, *c.shape[2:]) for c in pool.k_chunks]  # [B, Hkv, Cc, S, D] -> one row per (b, h)
         scale = pool.k_scale.view(BH, 1, -1) if pool.fp8 else None
         return pool_page_scores(q.contiguous(), chunks, st.page_len[:, None], k_scale=scale, mask=mask,
-                                table=pool.chunk_tables(self._sdev)[0])
+                                offsets=pool.chunk_offsets(self._sdev))
 
     def _rank_pages(self, s: torch.Tensor, k: int, merge: str = "interleave") -> tuple[torch.Tensor, torch.Tensor]:
         """Pages ranked by their best token score. s [BH, G, n] (-inf: not scanned) -> (ids [BH, G', min(k, P*)],
