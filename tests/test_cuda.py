@@ -100,7 +100,7 @@ def test_dci_tree_graph_search_follows_adds_and_growth():
         b.add(page)
         if i % 8 == 0:
             assert torch.equal(a.search(q, 12).page_ids, b.search(q, 12).page_ids)
-            captures.add(a._graph[0])
+            captures.add(a._graph.key)
     assert len(captures) >= 2  # at least one re-capture after a reallocation
 
 
