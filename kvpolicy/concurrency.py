@@ -80,7 +80,8 @@ class GraphCache:
         self.clear()
         if device is None:
             device = next(x.device for x in inputs if isinstance(x, torch.Tensor))
-        static = tuple(x.clone() if isinstance(x, torch.Tensor) else torch.tensor(x, device=device) for x in inputs)
+        # numbers become 0-dim device tensors by a fill (no host-to-device copy)
+        static = tuple(x.clone() if isinstance(x, torch.Tensor) else torch.full((), x, device=device) for x in inputs)
         after = on_capture() if on_capture is not None else None
         main = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device=device)
