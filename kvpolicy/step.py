@@ -22,8 +22,10 @@ Contracts of the phases (B batch, Hq query heads, Hkv KV heads, D head dim, K pa
 * release, then count: ``LayerStats`` ``pages_selected``/``pages_moved``/``bytes_moved`` grow by tensors (never
   read back from the device; a capture first makes them device tensors, ``device_counters``).
 
-After the step the layer appends nothing more here: the new token went to the window before the step, and a full
-window page leaves it after (``PolicyLayer._end_step``).
+The window is the layer's business on both sides of the step: ``PolicyLayer.decode`` appends the new token before
+it, and moves a full window page into the index and the CPU pool after it (``PolicyLayer._end_step``). The step
+requires a prefilled layer whose background job has been joined (or, with deferred insertion, whose queued job
+waits for the step: ``PolicyLayer._settle``).
 """
 
 from __future__ import annotations
