@@ -1,4 +1,5 @@
-"""The background worker of the layer jobs, and the lock that keeps jobs and CUDA-graph captures apart.
+"""The background worker of the layer jobs, the lock that keeps jobs and CUDA-graph captures apart, and the
+one helper that captures and replays CUDA graphs.
 
 ``JobQueue``: one worker thread. A layer's prefill build and page insertions run there
 (``PolicyLayer._run_job``) while the decode path goes on. Jobs run first-in first-out, except ranked ones
