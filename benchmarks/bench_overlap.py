@@ -58,13 +58,13 @@ def run(model, ids, cache, steps: int, dev: str) -> dict:
     layer = cache.layers[cache.policy_layers[0]].state if isinstance(cache, KVPolicyCache) else None
     times, inserted = [], []
     for _ in range(steps):
-        before = layer.win_len if layer is not None else 0
+        before = layer.kv.win_len if layer is not None else 0
         t = time.perf_counter()
         out = model(nxt, **cache_kwargs(cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         sync(dev)
         times.append(time.perf_counter() - t)
-        inserted.append(layer is not None and layer.win_len < before)  # this step flushed a window page
+        inserted.append(layer is not None and layer.kv.win_len < before)  # this step flushed a window page
     rest = times[1:]  # the first step also waits for the background builds
     ins = [t for t, f in zip(rest, inserted[1:]) if f]
     plain = [t for t, f in zip(rest, inserted[1:]) if not f]

@@ -1,4 +1,5 @@
-"""The background worker of the layer jobs, and the lock that keeps jobs and CUDA-graph captures apart.
+"""The background worker of the layer jobs, the lock that keeps jobs and CUDA-graph captures apart, and the
+one helper that captures and replays CUDA graphs.
 
 ``JobQueue``: one worker thread. A layer's prefill build and page insertions run there
 (``PolicyLayer._run_job``) while the decode path goes on. Jobs run first-in first-out, except ranked ones
@@ -17,6 +18,11 @@ job may itself capture (a selector that searches in ``prepare``).
 Python's cyclic garbage collector off while the capture runs: a collection there may free an old CUDA graph
 (a released cache's, or a re-captured step's), and destroying a graph frees its memory pool, which CUDA refuses
 on a capturing thread ("operation not permitted when stream is capturing"), invalidating the capture.
+
+``GraphCache``: the one place a CUDA graph is captured and replayed (a layer's decode step, the DCI tree's masked
+search). It holds one graph with the key it was captured under; a call with another key captures again: a warm-up
+run on a side stream (kernel compilation, lazy allocations), then the capture under ``graph_capture``. Inputs are
+copied into static buffers (tensors) or written into 0-dim device tensors (Python numbers) before each replay.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 
-__all__ = ["JobQueue", "capture_lock", "graph_capture"]
+__all__ = ["GraphCache", "JobQueue", "capture_lock", "graph_capture"]
 
 capture_lock = threading.RLock()
 
@@ -48,6 +54,57 @@ def graph_capture(graph, **kwargs) -> Iterator[None]:
         finally:
             if was_enabled:
                 gc.enable()
+
+
+class GraphCache:
+    """One CUDA graph of ``fn(*inputs)``, captured under ``key`` and replayed while the key holds (module doc).
+
+    ``fn`` reads its inputs only through its arguments (the static buffers) and whatever else the key pins (tables
+    updated in place); its output is the graph's output, overwritten by every replay. ``on_capture()``, if given,
+    runs on the current stream before the warm-up and may return a callable run after it (e.g. to undo a counter
+    that the warm-up must not count)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.key = self.graph = self.output = None
+        self._inputs: tuple = ()
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def capture(self, key, fn: Callable, *inputs, device=None, on_capture: Callable | None = None) -> None:
+        import torch
+
+        self.clear()
+        if device is None:
+            device = next(x.device for x in inputs if isinstance(x, torch.Tensor))
+        # numbers become 0-dim device tensors by a fill (no host-to-device copy)
+        static = tuple(x.clone() if isinstance(x, torch.Tensor) else torch.full((), x, device=device) for x in inputs)
+        after = on_capture() if on_capture is not None else None
+        main = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):  # warm-up outside the graph
+            fn(*static)
+        main.wait_stream(side)
+        if after is not None:
+            after()
+        graph = torch.cuda.CUDAGraph()
+        with graph_capture(graph):  # no job meanwhile
+            out = fn(*static)
+        self.key, self.graph, self._inputs, self.output = key, graph, static, out
+
+    def replay(self, key, fn: Callable, *inputs, device=None, on_capture: Callable | None = None):
+        """``fn(*inputs)`` by a replay of its graph (captured first if there is none for ``key``) -> its output."""
+        if self.graph is None or self.key != key:
+            self.capture(key, fn, *inputs, device=device, on_capture=on_capture)
+        for buf, x in zip(self._inputs, inputs):
+            buf.fill_(x) if isinstance(x, (int, float)) else buf.copy_(x)
+        self.graph.replay()
+        return self.output
 
 
 class JobQueue(Executor):

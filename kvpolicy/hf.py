@@ -5,8 +5,8 @@
   transformers' own layer classes.
 * An attention function and a mask function are registered under the name ``"kvpolicy"`` through
   ``AttentionInterface``/``AttentionMaskInterface``. Prefill and non-policy layers run SDPA; a decode step
-  of a policy layer runs the policy. The cache layer hands the new token's K/V to the attention function
-  through a thread-local slot, checked against ``module.layer_idx``.
+  of a policy layer runs the policy. The cache layer hands the new K/V to the attention function as a
+  ``Handoff`` in a thread-local slot, checked against ``module.layer_idx``.
 
 Usage::
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -46,8 +47,23 @@ ATTN_IMPLEMENTATION = "kvpolicy"
 DEFAULT_PREFILL_CHUNK = 8192  # tokens per forward of a streamed prefill
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
 
-_handoff = threading.local()
 _registered = False
+
+
+@dataclass(slots=True)  # made at every step: a light one
+class Handoff:
+    """What ``PolicyCacheLayer.update`` leaves for the attention call of the same layer: the K/V it was given
+    and what the call does with them. ``"decode"``: one token, run the policy's step; ``"extend"``: a prompt chunk
+    on a layer that holds tokens (``PolicyLayer.extend``); ``"prefill"``: the prompt, handed over after SDPA once
+    its queries are seen (a selector that scores them)."""
+
+    kind: Literal["decode", "extend", "prefill"]
+    layer: PolicyCacheLayer
+    key: torch.Tensor  # [B, Hkv, L, D]
+    value: torch.Tensor
+
+
+_handoff = threading.local()  # .item: the Handoff of this thread's pending attention call, or None
 
 
 _switch_lock = threading.Lock()
@@ -131,40 +147,32 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    if pending[0] == "extend":  # a prompt chunk on a policy layer that holds tokens
-        _, layer, k_new, v_new = pending
-        _check_layer(module, layer)
+    layer = pending.layer
+    if layer.state.layer_idx != getattr(module, "layer_idx", layer.state.layer_idx):
+        raise RuntimeError(
+            f"kvpolicy attention called for layer {module.layer_idx} with the K/V of layer {layer.state.layer_idx}"
+        )
+    if pending.kind == "extend":  # a prompt chunk on a policy layer that holds tokens
         if attention_mask is not None:
             raise ValueError(f"layer {layer.state.layer_idx}: a continued prompt with an attention mask (padding) "
                              "is not supported")
-        return layer.state.extend(query, k_new, v_new, scaling=scale, softcap=kwargs.get("softcap")), None
-    if pending[0] == "prefill":  # a selector that scores the prompt's queries: prefill after SDPA
-        _, layer, k_all, v_all = pending
-        _check_layer(module, layer)
+        return layer.state.extend(query, pending.key, pending.value, scaling=scale, softcap=kwargs.get("softcap")), None
+    if pending.kind == "prefill":  # a selector that scores the prompt's queries: prefill after SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        layer.prefill(k_all, v_all, queries=query)
+        layer.prefill(pending.key, pending.value, queries=query)
         return out
-    _, layer, k_new, v_new = pending
-    _check_layer(module, layer)
     cache = layer.cache
     step = layer.state.step
     prev = cache.step_selection
     out = layer.state.decode(
-        query[:, :, 0], k_new, v_new, scaling=scale, softcap=kwargs.get("softcap"),
+        query[:, :, 0], pending.key, pending.value, scaling=scale, softcap=kwargs.get("softcap"),
         prev_selection=prev[1] if prev is not None and prev[0] == step else None,
     )  # [B, Hq, D]
     cache.step_selection = (step, layer.state.last_selection)  # seen by the next policy layer of this step
     cache.prefetch_after(layer.state.layer_idx)
     return out.unsqueeze(1), None
-
-
-def _check_layer(module, layer) -> None:
-    if layer.state.layer_idx != getattr(module, "layer_idx", layer.state.layer_idx):
-        raise RuntimeError(
-            f"kvpolicy attention called for layer {module.layer_idx} with the K/V of layer {layer.state.layer_idx}"
-        )
 
 
 _executor = None
@@ -216,7 +224,7 @@ class PolicyCacheLayer(_layer_base()):
         if stale is not None:  # an earlier layer's K/V never reached the kvpolicy attention function
             _handoff.item = None
             raise RuntimeError(
-                f"layer {stale[1].state.layer_idx} of a KVPolicyCache handed its K/V to an attention function that "
+                f"layer {stale.layer.state.layer_idx} of a KVPolicyCache handed its K/V to an attention function that "
                 f"never took them: the model does not run the {ATTN_IMPLEMENTATION!r} attention. Call "
                 f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) (KVPolicyCache(model, ...) does it when given "
                 "the model rather than its config), or use kvpolicy.generate"
@@ -225,16 +233,16 @@ class PolicyCacheLayer(_layer_base()):
             self.lazy_initialization(key_states, value_states)
         if not self.state.prefilled:  # the prompt is attended densely (SDPA)
             if self.state.selector.needs_prompt_queries:
-                _handoff.item = ("prefill", self, key_states, value_states)  # prefill once the queries are seen
+                _handoff.item = Handoff("prefill", self, key_states, value_states)  # prefill once the queries are seen
             else:
                 self.prefill(key_states, value_states)
                 _handoff.item = None
             return key_states, value_states
         if key_states.shape[2] != 1:  # the next prompt chunk, or a continued prompt
             check_extend(self.state, key_states)  # before any state changes
-            _handoff.item = ("extend", self, key_states, value_states)
+            _handoff.item = Handoff("extend", self, key_states, value_states)
             return key_states, value_states
-        _handoff.item = ("decode", self, key_states, value_states)
+        _handoff.item = Handoff("decode", self, key_states, value_states)
         return key_states, value_states
 
     def prefill(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None = None) -> None:

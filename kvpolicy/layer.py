@@ -1,18 +1,10 @@
 """``PolicyLayer``: one decoder layer's KV cache under a policy (framework-agnostic).
 
-Memory layout of one layer (B batch, Hkv KV heads, S page size, D head dim)::
-
-    compute device (GPU):  sink   [B, Hkv, <=sink_pages*S, D]      first tokens, always attended
-                           window [B, Hkv, <=window_pages*S, D]    newest tokens, always attended
-                           slots  [B, Hkv, N, S, D]                working set: the selected pages
-    CPU (pinned if CUDA):  pool   chunks of [B, Hkv, Cc, S, D]     every offloaded page (the index's pages), in
-                                                                   the model's dtype or fp8 with per-page scales
-                                                                   (Policy.cpu_pool_dtype, kvpolicy.pool)
-
-Prefill hands the layer's K/V over once: the sink and the window stay on the device, the middle goes to the
-index (``Index.build``) and to the CPU pool. Each decode step appends the new token to the window, selects
-pages (``Selector.select``), maps them to slots (``PageAllocator.reserve``), moves the missing ones
-(``Transfer.submit``/``wait``) and attends over [sink | slots | window] in one softmax. When the window holds
+What the layer holds (sink, window, slot pool, CPU pool) is a ``LayerKV`` (``kvpolicy.layer_kv``, with the memory
+layout); the decode step itself is ``kvpolicy.step`` (select -> reserve -> load -> attend -> release, one function
+for the eager, prefetched and captured steps). This class decides *when*: the prefill hands the layer's K/V over
+once (the sink and the window stay on the device, the middle goes to the index, ``Index.build``, and to the CPU
+pool); each decode step appends the new token to the window and runs the step; when the window holds
 ``window_pages`` full pages, its oldest page is inserted into the index (``Index.add``) and the CPU pool.
 
 Deferred insertion (``defer_insert``, with a background executor): the insertion job of a full window page
@@ -34,12 +26,21 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpolicy.attention import decode_attention
-from kvpolicy.concurrency import capture_lock, graph_capture
-from kvpolicy.ops import check_tensor, storage_key
+from kvpolicy.concurrency import GraphCache, capture_lock
+from kvpolicy.layer_kv import LayerKV
+from kvpolicy.ops import check_tensor
 from kvpolicy.policy import Policy
 from kvpolicy.pool import PagePool
-from kvpolicy.types import PAD, SelectContext, Selection
+from kvpolicy.step import (
+    Clock,
+    Loaded,
+    capture_key,
+    check_query,
+    decode_step,
+    device_counters,
+    select_reserve_load,
+)
+from kvpolicy.types import SelectContext, Selection
 
 __all__ = ["GRAPHS_ENV", "MEMORY_KEYS", "DecodeCursor", "LayerStats", "PolicyLayer"]
 
@@ -94,7 +95,7 @@ _INT_HINT = " (integer K/V: pass the attention's key/value states, not token ids
 
 
 class PolicyLayer:
-    """The KV cache of one decoder layer under ``policy`` (see the module docstring for the layout)."""
+    """The KV cache of one decoder layer under ``policy`` (module docstring; the layout: ``kvpolicy.layer_kv``)."""
 
     def __init__(self, policy: Policy, layer_idx: int, *, validate: bool = False):
         self.policy = policy
@@ -109,7 +110,8 @@ class PolicyLayer:
         self.sync_timing = False  # synchronise the device at each phase boundary so LayerStats times are device
         # times (benchmark breakdowns); off by default: the decode path then never waits for the device
         # experimental: replay select + reserve + transfer + attention + release as one CUDA graph per layer when
-        # the selector, allocator and transfer all offer a capture_key (_capture_key); env KVPOLICY_DECODE_GRAPHS=1
+        # the selector, allocator and transfer all offer a capture_key (kvpolicy.step.capture_key); env
+        # KVPOLICY_DECODE_GRAPHS=1
         self.cuda_graphs = os.environ.get(GRAPHS_ENV, "0").strip() == "1"
         # let insertion jobs run past the next step (module docstring; KVPolicyCache(defer_insert=True)). Off by
         # default: which steps run beside a queued insertion depends on thread timing, so outputs are only
@@ -120,26 +122,20 @@ class PolicyLayer:
         self.stats = LayerStats()
         self.last_selection: Selection | None = None
         self.last_add_layout = None  # layout returned by the last Index.add (read by mirror layers)
+        self.graphs = GraphCache()  # the captured decode step
         self._clear()
 
     def _clear(self) -> None:
         self._job = self._job_inputs = None  # background job in flight (see _run_job)
-        self._transit = False  # the oldest window page is being inserted and is still attended from the window
         self._step_done = None  # CUDA event after the device work of a step that ran beside a queued job
         self._stream = None  # CUDA stream of the layer's background jobs
         self.executor: Executor | None = None
         self.seq_len = 0
         self.step = 0
         self.prefilled = False
-        self.sink_k = self.sink_v = None  # [B, Hkv, Ts, D]
-        self.win_k = self.win_v = None  # [B, Hkv, window_pages*S, D] buffers, first win_len valid
-        self.win_len = 0
-        self.cpu_pool: PagePool | None = None
-        self.gpu_pool: PagePool | None = None
-        self._max_pages = 0  # pages of the fullest (b, head) row of the index, known on the host
-        self._graph = None  # (key, CUDAGraph, static query, output, selection) of the captured decode step
-        self._win_len_t = None  # [1] int64 device copy of win_len, read by the captured attention
-        self._ahead = None  # (step, selection, reservation, transfer handle, event) made by prefetch()
+        self.kv: LayerKV | None = None  # sink, window, slots, CPU pool: set by the prefill
+        self.graphs.clear()
+        self._ahead: Loaded | None = None  # made by prefetch() for the step in Loaded.step
         self._ahead_stream = None  # CUDA stream that prefetch() runs on
         self._prefill_stream = None  # CUDA stream that streams pool blocks back for a prompt chunk (extend)
 
@@ -193,23 +189,12 @@ class PolicyLayer:
                 raise ValueError(
                     f"batch size {B} is above what {part.kind} {part.name!r} supports ({part.max_batch_size})"
                 )
-        S, dev = self.budget.page_size, keys.device
-        n_sink = min(T, self.budget.sink_tokens)
-        rest = T - n_sink
-        n_mid = max(0, rest // S - (self.budget.window_pages - 1)) * S
-        self.device, self.dtype, self.shape = dev, keys.dtype, (B, H, D)
-        self.sink_k = keys[:, :, :n_sink].contiguous()
-        self.sink_v = values[:, :, :n_sink].contiguous()
-        W = self.budget.window_tokens + (S if self._deferring(executor) else 0)  # room for a page in transit
-        self.win_k = keys.new_zeros((B, H, W, D))
-        self.win_v = values.new_zeros((B, H, W, D))
-        self.win_len = rest - n_mid
-        self.win_k[:, :, : self.win_len] = keys[:, :, n_sink + n_mid :]
-        self.win_v[:, :, : self.win_len] = values[:, :, n_sink + n_mid :]
-        mid_k, mid_v = keys[:, :, n_sink : n_sink + n_mid], values[:, :, n_sink : n_sink + n_mid]
+        self.device, self.dtype, self.shape = keys.device, keys.dtype, (B, H, D)
+        # a window with room for a page in transit where insertions may be deferred
+        self.kv, mid_k, mid_v = LayerKV.from_prompt(keys, values, self.budget, room=self._deferring(executor))
         prompt = (queries, keys) if self.selector.needs_prompt_queries else (None, None)
         self.executor = executor
-        self._run_job(self._build, mid_k, mid_v, prompt, n_sink)
+        self._run_job(self._build, mid_k, mid_v, prompt, self.kv.sink_k.shape[2])
         self.seq_len, self.prefilled = T, True
 
     def extend(self, query, key, value, *, scaling: float, softcap: float | None = None) -> torch.Tensor:
@@ -229,15 +214,17 @@ class PolicyLayer:
         t1 = time.perf_counter()
         # sized after the build (semantic indexes make more pages than T/S); later pages append chunks (no copy)
         P = int(layout.num_pages.max()) if layout.num_pages.numel() else 0
-        self.cpu_pool = PagePool(B, H, S, D, dtype=mid_k.dtype, device="cpu", capacity=P,
-                                 pool_dtype=self.policy.cpu_pool_dtype)
+        kv = self.kv
+        kv.cpu_pool = PagePool(B, H, S, D, dtype=mid_k.dtype, device="cpu", capacity=P,
+                               pool_dtype=self.policy.cpu_pool_dtype)
         ta = time.perf_counter()
         self.stats.pool_alloc_s += ta - t1
-        self.cpu_pool.write(layout, mid_k, mid_v, base=0)
-        self.index.attach_pool(self.cpu_pool)  # an index may read its keys there from now on (Index.attach_pool)
-        self._max_pages = P
+        kv.cpu_pool.write(layout, mid_k, mid_v, base=0)
+        self.index.attach_pool(kv.cpu_pool)  # an index may read its keys there from now on (Index.attach_pool)
+        kv.max_pages = P
         t2 = time.perf_counter()
-        self._setup_slots(self._num_slots_needed())
+        retrieved = self.budget.retrieved_pages  # an unlimited budget: every page (the working set grows later)
+        kv.setup_slots(self.allocator, P if retrieved is None else self.selector.max_pages_per_head(retrieved))
         ctx = dataclasses.replace(self.context(), prompt_queries=prompt[0], prompt_keys=prompt[1], index_offset=n_sink)
         self.selector.prepare(mid_k, layout, ctx)
         st = self.stats
@@ -310,55 +297,38 @@ class PolicyLayer:
 
     def _settle(self) -> bool:
         """Before a step: join the layer's job, or leave a queued insertion queued (the page in transit stays in
-        the window). Returns True if this step holds the state lock (release it with ``_step_end``)."""
-        if not self._transit:
+        the window). Returns True if this step holds the state lock (``_release_state_lock`` after the step)."""
+        kv = self.kv
+        if not kv.in_transit:
             self.wait_ready()
             return False
         job = self._job
-        if job is not None and not job.done() and self.win_len < self.win_k.shape[2]:
+        if job is not None and not job.done() and kv.win_len < kv.win_k.shape[2]:
             if self._state_lock.acquire(blocking=False):
                 if not self._job_ran:  # the job has not started: it waits for this step
                     self.stats.deferred_steps += 1
                     return True
                 self._state_lock.release()  # it ran between done() and the lock
         self.wait_ready()  # done, running, or no room left for this step's token
-        self._shift_window()
+        kv.shift_window()
         return False
 
-    def _step_end(self, locked: bool) -> None:
+    def _release_state_lock(self, locked: bool) -> None:
         if not locked:
             return
         if self.device.type == "cuda":
             self._step_done = torch.cuda.current_stream(self.device).record_event()
         self._state_lock.release()
 
-    def _num_slots_needed(self) -> int:
-        if self.budget.retrieved_pages is not None:
-            return self.selector.max_pages_per_head(self.budget.retrieved_pages)
-        return self._max_pages  # set by the build from the layout, without reading the index back
-
-    def _setup_slots(self, n: int) -> None:
-        B, H, D = self.shape
-        S = self.budget.page_size
-        self.gpu_pool = PagePool(
-            B, H, S, D, dtype=self.dtype, device=self.device, capacity=n, pin=False, track_tokens=False
-        )
-        self.allocator.setup(B, H, n, self.device)
-        self.allocator.ensure_pages(self.cpu_pool.capacity)
-
-    def _step_budget(self, seq_len: int):
-        """The budget of a decode step over ``seq_len`` tokens: the policy's, or unlimited while the context fits in
-        it (then every page is attended, as the whole cache would be; counted in ``stats.covered_steps``)."""
-        bt = self.budget.tokens
-        if bt is not None and seq_len <= bt:
-            return dataclasses.replace(self.budget, retrieved_pages=None)
-        return self.budget
-
     def step_context(self, scaling: float, prev_selection: Selection | None, seq_len: int) -> SelectContext:
-        """The context of a decode step over ``seq_len`` tokens (its budget from ``_step_budget``). Builds,
-        insertions and ``Selector.prepare`` see the policy's own budget (``context``)."""
-        return dataclasses.replace(self.context(scaling, prev_selection), seq_len=seq_len,
-                                   budget=self._step_budget(seq_len))
+        """The context of a decode step over ``seq_len`` tokens. Its budget is the policy's, or unlimited while the
+        context fits in it (then every page is attended, as the whole cache would be; counted in
+        ``stats.covered_steps``). Builds, insertions and ``Selector.prepare`` see the policy's own budget
+        (``context``)."""
+        bt, budget = self.budget.tokens, self.budget
+        if bt is not None and seq_len <= bt:
+            budget = dataclasses.replace(budget, retrieved_pages=None)
+        return dataclasses.replace(self.context(scaling, prev_selection), seq_len=seq_len, budget=budget)
 
     def context(self, scaling: float = 1.0, prev_selection: Selection | None = None) -> SelectContext:
         return SelectContext(
@@ -367,13 +337,13 @@ class PolicyLayer:
             budget=self.budget,
             seq_len=self.seq_len,
             index=self.index,
-            pool=self.cpu_pool,
+            pool=self.kv.cpu_pool,
             num_pages=self.index.num_pages,
             num_kv_heads=self.shape[1],
             scaling=scaling,
             prev_selection=prev_selection,
             search_params=self.policy.search_params,
-            max_pages=self._max_pages,
+            max_pages=self.kv.max_pages,
         )
 
     # ------------------------------------------------------------------ decode
@@ -387,10 +357,11 @@ class PolicyLayer:
         softcap: float | None = None,
         prev_selection: Selection | None = None,
     ) -> torch.Tensor:  # [B, Hq, D]
-        """One decode step: append, select, reserve, transfer, attend, maybe insert a full window page."""
+        """One decode step: append the token, run ``kvpolicy.step.decode_step`` (eagerly, on the pages a prefetch
+        loaded, or as a CUDA-graph replay), then maybe move a full window page out (``_end_step``)."""
         if not self.prefilled:
             raise RuntimeError(f"layer {self.layer_idx}: decode before prefill")
-        self._check_query(query)
+        check_query(self, query)
         B, H, D = self.shape
         if key.shape != (B, H, 1, D) or value.shape != (B, H, 1, D):
             raise ValueError(f"key/value must be [B={B}, Hkv={H}, 1, D={D}], got {tuple(key.shape)}")
@@ -401,79 +372,40 @@ class PolicyLayer:
             self.cursor.layer = self.layer_idx
         locked = self._settle()
         try:
-            return self._decode(query, key, value, scaling, softcap, prev_selection)
-        finally:
-            self._step_end(locked)
-
-    def _decode(self, query, key, value, scaling, softcap, prev_selection) -> torch.Tensor:
-        self._append(key, value)
-        self.seq_len += 1
-        st = self.stats
-        t0 = self._now()
-        ctx = self.step_context(scaling, prev_selection, self.seq_len)
-        if ctx.budget is not self.budget:
-            st.covered_steps += 1
-        graph_key = self._capture_key(ctx, query, scaling, softcap) if self.cuda_graphs else None
-        if graph_key is not None:  # the whole device step is one replay (its time is counted as attention)
-            out, sel = self._replay(graph_key, query, ctx, scaling, softcap)
-            t3 = self._now()
-            st.attention_s += t3 - t0
-            self._end_step(sel, t3)
+            self.kv.append(key, value)
+            self.seq_len += 1
+            clock = self._clock()
+            ctx = self.step_context(scaling, prev_selection, self.seq_len)
+            if ctx.budget is not self.budget:
+                self.stats.covered_steps += 1
+            graph_key = capture_key(self, ctx, query, scaling, softcap) if self.cuda_graphs else None
+            if graph_key is not None:  # the whole device step is one replay (its time is counted as attention)
+                out, sel = self.graphs.replay(
+                    graph_key, lambda q, n: decode_step(self, q, n, ctx=ctx, scaling=scaling, softcap=softcap),
+                    query, self.kv.win_len, on_capture=lambda: device_counters(self.stats, self.device))
+                clock.lap("attention_s")
+            else:
+                ahead = self._take_ahead()
+                if ahead is not None:  # selected and loading since prefetch(), before this step
+                    self.stats.prefetched_steps += 1
+                out, sel = decode_step(self, query, ctx=ctx, scaling=scaling, softcap=softcap, loaded=ahead,
+                                       clock=clock)
+            self._end_step(sel, clock)
             return out
-        ahead = self._take_ahead()
-        if ahead is not None:  # selected and submitted by prefetch(), before this step
-            sel, res, handle, event = ahead
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
-            st.prefetched_steps += 1
-            t1 = t0
-        else:
-            sel = self._select(query, ctx)
-            t1 = self._now()
-            res, handle = self._reserve_and_submit(sel)
-        self.transfer.wait(handle)
-        t2 = self._now()
-        gp = self.gpu_pool
-        out = decode_attention(
-            query, self.sink_k, self.sink_v, gp.k, gp.v, gp.lengths, res.slots.to(self.device),
-            self.win_k[:, :, : self.win_len], self.win_v[:, :, : self.win_len], scaling, softcap,
-        )
-        self.allocator.release(res)
-        t3 = self._now()
-        self._end_step(sel, t3)
-        st.pages_selected += (sel.page_ids >= 0).sum()  # a tensor: counted without reading back from the device
-        st.pages_moved += handle.num_pages
-        st.bytes_moved += handle.nbytes
-        st.select_s += t1 - t0
-        st.transfer_s += t2 - t1
-        st.attention_s += t3 - t2
-        return out
+        finally:
+            self._release_state_lock(locked)
 
-    def _select(self, query: torch.Tensor | None, ctx: SelectContext) -> Selection:
-        if not self.index.num_tokens:
-            B, H, _ = self.shape
-            return Selection(page_ids=torch.full((B, H, 0), PAD, dtype=torch.int64))
-        sel = self.selector.select(query, ctx)
-        if self.validate:
-            sel.validate(ctx.num_pages)
-            cap = self.selector.max_pages_per_head(ctx.k)
-            if sel.k > cap:
-                raise ValueError(f"selector {self.selector.name!r} returned {sel.k} pages > budget {cap} per head")
-            row = int(sel.valid.sum((1, 2)).max()) if sel.page_ids.numel() else 0
-            if row > ctx.k * self.shape[1]:
-                raise ValueError(f"selector {self.selector.name!r} returned {row} pages in a batch row > budget "
-                                 f"{ctx.k} x {self.shape[1]} KV heads")
-        return sel
+    def _clock(self) -> Clock:
+        return Clock(self.stats, self.device if self.sync_timing and self.device.type == "cuda" else None)
 
-    def _reserve_and_submit(self, sel: Selection):
-        """Map the selection to slots and start moving the missing pages (``wait`` on the handle finishes it)."""
-        if sel.k > self.allocator.num_slots:
-            self._setup_slots(max(sel.k, 2 * self.allocator.num_slots))  # unlimited budget: grow the working set
-        res = self.allocator.reserve(sel)
-        handle = self.transfer.submit(
-            self.cpu_pool, torch.where(res.missing, res.page_ids, PAD), self.gpu_pool, res.slots
-        )
-        return res, handle
+    def _end_step(self, sel: Selection, clock: Clock) -> None:
+        """After the attention: keep the selection, move a full window page out (``insert_s``), count the step."""
+        self.last_selection = sel
+        if self.kv.win_len >= self.budget.window_tokens and not self.kv.in_transit:
+            self._flush_window_page()
+        clock.lap("insert_s")
+        self.step += 1
+        self.stats.steps += 1
 
     # ------------------------------------------------------------------ prefetch (selection ahead of the step)
     def prefetch(
@@ -498,9 +430,11 @@ class PolicyLayer:
         if not self.prefilled or self.cuda_graphs:
             return False
         if query is not None:
-            self._check_query(query)  # before anything changes: a bad query leaves the earlier prefetch in place
+            check_query(self, query)  # before anything changes: a bad query leaves the earlier prefetch in place
         self._drop_ahead()
-        self._settle_for_prefetch()
+        if self.kv.in_transit:  # layers that prefetch never defer their insertions (see KVPolicyCache)
+            raise RuntimeError(f"layer {self.layer_idx}: prefetch while an insertion is deferred")
+        self.wait_ready()  # the step would join the layer's job too
         if not self.index.num_tokens:
             return False
         ctx = self.step_context(scaling, prev_selection, self.seq_len + 1)
@@ -510,153 +444,31 @@ class PolicyLayer:
                 self._ahead_stream = torch.cuda.Stream(device=self.device)
             stream = self._ahead_stream
             # kernels on this stream come after everything queued so far, in particular after the main stream's
-            # last reads of memory that this stream's allocations may reuse (see _release_ahead)
+            # last reads of memory that this stream's allocations may reuse (see Loaded.release)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-        t0 = self._now()
+        clock = self._clock()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            sel = self._select(query, ctx)
-            t1 = self._now()
-            res, handle = self._reserve_and_submit(sel)
+            loaded = select_reserve_load(self, query, ctx, clock)
             if stream is not None:
                 event = stream.record_event()
-        st = self.stats
-        st.select_s += t1 - t0
-        st.transfer_s += self._now() - t1
-        self._ahead = (self.step, sel, res, handle, event)
+        clock.lap("transfer_s")
+        self._ahead = dataclasses.replace(loaded, step=self.step, event=event)
         return True
 
-    def _check_query(self, query: torch.Tensor) -> None:
-        B, H, D = self.shape
-        if query.dim() != 3 or query.shape[0] != B or query.shape[2] != D or query.shape[1] % H:
-            raise ValueError(f"query must be [B={B}, Hq (multiple of {H}), D={D}], got {tuple(query.shape)}")
-        if not query.is_floating_point():
-            raise TypeError(f"layer {self.layer_idx}: the query must be a floating tensor, got {query.dtype}")
-        if self.validate:  # a data-dependent check (it reads back from the device): validate mode only
-            bad = (~torch.isfinite(query)).any(-1)  # [B, Hq]
-            if bool(bad.any()):
-                b, h = (int(x) for x in bad.nonzero()[0])
-                raise ValueError(f"layer {self.layer_idx}: the decode query of head {h} (batch row {b}) holds NaN or "
-                                 f"inf ({int(bad.sum())} of {bad.numel()} heads); check the model's activations")
-
-    def _settle_for_prefetch(self) -> None:
-        """Join the layer's background job before selecting ahead: the step would join it too (layers that
-        prefetch never defer their insertions, see ``KVPolicyCache``)."""
-        if self._transit:
-            raise RuntimeError(f"layer {self.layer_idx}: prefetch while an insertion is deferred")
-        self.wait_ready()
-
-    def _take_ahead(self):
+    def _take_ahead(self) -> Loaded | None:
+        """The pages a prefetch loaded for this step, or None (one made for another step is released)."""
         ahead, self._ahead = self._ahead, None
-        if ahead is None:
+        if ahead is not None and ahead.step != self.step:
+            ahead.release(self)
             return None
-        step, sel, res, handle, event = ahead
-        if step != self.step:  # made for another step
-            self._release_ahead(res, event)
-            return None
-        return sel, res, handle, event
+        return ahead
 
     def _drop_ahead(self) -> None:
-        ahead, self._ahead = self._ahead, None
+        ahead = self._take_ahead()
         if ahead is not None:
-            self._release_ahead(ahead[2], ahead[4])
+            ahead.release(self)
 
-    def _release_ahead(self, res, event) -> None:
-        """Free the slots of an unused prefetch. The copy may still be in flight into them: the current stream
-        waits for it first, so a later step cannot overwrite or read them before it lands. The prefetch's own
-        tensors were allocated on the side stream; the next prefetch waits for the current stream before
-        reusing their memory."""
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-        self.allocator.release(res)
-
-    def _end_step(self, sel: Selection, t3: float) -> None:
-        """After the attention: keep the selection, move a full window page out (``insert_s``), count the step."""
-        self.last_selection = sel
-        if self.win_len >= self.budget.window_tokens and not self._transit:
-            self._flush_window_page()
-        self.stats.insert_s += self._now() - t3
-        self.step += 1
-        self.stats.steps += 1
-
-    # ------------------------------------------------------------------ CUDA-graph decode step (experimental)
-    def _capture_key(self, ctx: SelectContext, query: torch.Tensor, scaling: float, softcap) -> tuple | None:
-        """What a captured step depends on, or None if this step must run eagerly (CPU, checks or phase
-        timing on, sink still filling, unlimited budget, or a part that cannot be captured)."""
-        if (self.device.type != "cuda" or self.validate or self.sync_timing or not self.index.num_tokens
-                or ctx.budget.retrieved_pages is None or self.sink_k.shape[2] < self.budget.sink_tokens):
-            return None
-        parts = (self.selector.capture_key(ctx), self.allocator.capture_key(),
-                 self.transfer.capture_key(self.cpu_pool, self.gpu_pool))
-        if any(p is None for p in parts):
-            return None
-        return parts + storage_key(self.sink_k, self.sink_v, self.win_k, self.win_v) + (
-            tuple(query.shape), query.dtype, float(scaling), softcap, id(self.stats))
-
-    def _device_step(self, q: torch.Tensor, ctx: SelectContext, scaling: float, softcap):
-        """select -> reserve -> transfer -> attention -> release with fixed shapes (the window is the whole
-        buffer with its length on the device); the statistics counters are updated in place."""
-        sel = self.selector.select(q, ctx)
-        res = self.allocator.reserve(sel)
-        handle = self.transfer.submit(self.cpu_pool, torch.where(res.missing, res.page_ids, PAD), self.gpu_pool,
-                                      res.slots)
-        self.transfer.wait(handle)
-        gp = self.gpu_pool
-        out = decode_attention(q, self.sink_k, self.sink_v, gp.k, gp.v, gp.lengths, res.slots, self.win_k,
-                               self.win_v, scaling, softcap, win_len=self._win_len_t)
-        self.allocator.release(res)
-        st = self.stats
-        st.pages_selected += (sel.page_ids >= 0).sum()  # device tensors (made so before capture): in place
-        st.pages_moved += handle.num_pages
-        st.bytes_moved += handle.nbytes
-        return out, sel
-
-    def _replay(self, key: tuple, query: torch.Tensor, ctx: SelectContext, scaling: float, softcap):
-        if self._graph is None or self._graph[0] != key:
-            self._graph = None
-            self._capture(key, query, ctx, scaling, softcap)
-        _, graph, q_buf, out, sel = self._graph
-        q_buf.copy_(query)
-        self._win_len_t.fill_(self.win_len)
-        graph.replay()
-        return out, sel
-
-    def _capture(self, key: tuple, query: torch.Tensor, ctx: SelectContext, scaling: float, softcap) -> None:
-        dev, st = self.device, self.stats
-        counters = ("pages_selected", "pages_moved", "bytes_moved")
-        q_buf = query.clone()
-        self._win_len_t = torch.full((1,), self.win_len, dtype=torch.int64, device=dev)
-        for f in counters:  # in-place device counters, so that the captured adds accumulate
-            v = getattr(st, f)
-            if not (isinstance(v, torch.Tensor) and v.device == dev and v.dtype == torch.int64 and v.dim() == 0):
-                setattr(st, f, torch.as_tensor(v, device=dev).to(torch.int64).reshape(()).clone())
-        selected = st.pages_selected.clone()
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        # warm-up outside the graph (kernel compilation, lazy allocations). It really reserves and loads this
-        # step's pages (the replay then finds them resident), so its moves count but its selection does not
-        with torch.cuda.stream(side):
-            self._device_step(q_buf, ctx, scaling, softcap)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        st.pages_selected.copy_(selected)
-        graph = torch.cuda.CUDAGraph()
-        with graph_capture(graph):  # no job meanwhile
-            out, sel = self._device_step(q_buf, ctx, scaling, softcap)
-        self._graph = (key, graph, q_buf, out, sel)
-
-    def _now(self) -> float:
-        if self.sync_timing and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _append(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        if self.sink_k.shape[2] < self.budget.sink_tokens:  # short prompt: the sink fills first
-            self.sink_k = torch.cat([self.sink_k, key], dim=2)
-            self.sink_v = torch.cat([self.sink_v, value], dim=2)
-            return
-        self.win_k[:, :, self.win_len] = key[:, :, 0]
-        self.win_v[:, :, self.win_len] = value[:, :, 0]
-        self.win_len += 1
-
+    # ------------------------------------------------------------------ window pages into the index
     def _flush_window_page(self) -> None:
         """Move the oldest full window page into the index and the CPU pool. The window shift happens now; the
         insertion (``Index.add``, pool write, residency invalidation, ``Selector.update``) is a job that runs
@@ -666,31 +478,22 @@ class PolicyLayer:
                 f"index {self.index.name!r} does not support add(), so decoding past the window cannot "
                 "offload new pages; choose an index with supports_add"
             )
-        S = self.budget.page_size
-        pk, pv = self.win_k[:, :, :S].clone(), self.win_v[:, :, :S].clone()  # [B, Hkv, S, D]
-        self._transit = True
+        pk, pv = self.kv.oldest_page()  # [B, Hkv, S, D], in transit from now on
         deferred = self._deferring(self.executor)
         self._run_job(self._insert, pk, pv, ranked=deferred)
         if not deferred:
-            self._shift_window()
-
-    def _shift_window(self) -> None:
-        """Drop the oldest window page (its insertion has been joined)."""
-        S = self.budget.page_size
-        self.win_k[:, :, :-S] = self.win_k[:, :, S:].clone()
-        self.win_v[:, :, :-S] = self.win_v[:, :, S:].clone()
-        self.win_len -= S
-        self._transit = False
+            self.kv.shift_window()
 
     def _insert(self, pk: torch.Tensor, pv: torch.Tensor) -> None:
         """Insert whole pages ``pk``/``pv`` ``[B, Hkv, n, D]`` (n a multiple of S) into the index and the pool."""
         t0 = time.perf_counter()
+        kv = self.kv
         base = self.index.num_tokens
         layout = self.index.add(pk)
         self.last_add_layout = layout
-        self.cpu_pool.write(layout, pk, pv, base=base)
-        self._max_pages = int(self.index.num_pages.max())  # in the job: the decode path never reads it back
-        self.allocator.ensure_pages(self.cpu_pool.capacity)
+        kv.cpu_pool.write(layout, pk, pv, base=base)
+        kv.max_pages = int(self.index.num_pages.max())  # in the job: the decode path never reads it back
+        self.allocator.ensure_pages(kv.cpu_pool.capacity)
         self.allocator.invalidate(layout.page_ids)
         self.selector.update(pk, layout, self.context())
         self.stats.pages_inserted += pk.shape[2] // self.budget.page_size
@@ -704,10 +507,9 @@ class PolicyLayer:
         if not self.prefilled:
             return dict.fromkeys(MEMORY_KEYS, 0)
         self.wait_ready()
-        dev = sum(t.nbytes for t in (self.sink_k, self.sink_v, self.win_k, self.win_v)) + self.gpu_pool.kv_nbytes
         idx = self.index.nbytes
         on_dev = self.device.type != "cpu" and torch.device(self.index.device).type == self.device.type
-        return {"device_kv": dev, "cpu_kv": self.cpu_pool.kv_nbytes, "index": idx,
+        return {"device_kv": self.kv.device_nbytes, "cpu_kv": self.kv.cpu_pool.kv_nbytes, "index": idx,
                 "index_on_device": self.index.device_nbytes if on_dev else 0,
                 "selector": self.selector.nbytes,
                 "selector_on_device": self.selector.device_nbytes if self.device.type != "cpu" else 0}

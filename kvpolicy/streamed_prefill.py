@@ -51,8 +51,8 @@ def _pool_blocks(layer):
     """Yield ``(k, v, valid)`` of the pool's pages in use, ``BLOCK_TOKENS`` per (b, head) at a time (and never
     across a chunk of the pool), on the layer's device in its dtype (an fp8 pool is dequantised there): k/v
     ``[B, Hkv, n, D]``, valid ``[B, Hkv, n]``."""
-    pool, S = layer.cpu_pool, layer.budget.page_size
-    P = layer._max_pages  # pages of the fullest row (rows with fewer pages have length 0 there)
+    pool, S = layer.kv.cpu_pool, layer.budget.page_size
+    P = layer.kv.max_pages  # pages of the fullest row (rows with fewer pages have length 0 there)
     if pool is None or P == 0:
         return
     step = max(1, BLOCK_TOKENS // S)
@@ -133,8 +133,9 @@ def _pool_blocks(layer):
 def _attend(layer, query, key, value, scaling: float, softcap) -> torch.Tensor:
     """query [B, Hq, L, D], key/value [B, Hkv, L, D] -> [B, L, Hq, D] in the query's dtype."""
     acc = partial_attention(query, key, value, scale=scaling, causal=True, softcap=softcap)
-    near_k = torch.cat([layer.sink_k, layer.win_k[:, :, : layer.win_len]], dim=2)
-    near_v = torch.cat([layer.sink_v, layer.win_v[:, :, : layer.win_len]], dim=2)
+    kv = layer.kv
+    win_k, win_v = kv.window()
+    near_k, near_v = torch.cat([kv.sink_k, win_k], dim=2), torch.cat([kv.sink_v, win_v], dim=2)
     acc = acc.merge(partial_attention(query, near_k, near_v, scale=scaling, softcap=softcap))
     for k, v, valid in _pool_blocks(layer):
         acc = acc.merge(partial_attention(query, k, v, scale=scaling, valid=valid, softcap=softcap))
@@ -150,29 +151,14 @@ def _insert_after(layer, copies_done, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _absorb(layer, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Append the chunk's K/V [B, Hkv, L, D]: sink first if short, then the window; whole pages that leave the
-    window go to the index and the pool in one insertion job."""
-    L = key.shape[2]
-    S, W = layer.budget.page_size, layer.budget.window_tokens
-    short = layer.budget.sink_tokens - layer.sink_k.shape[2]
-    if short > 0:
-        take = min(short, key.shape[2])
-        layer.sink_k = torch.cat([layer.sink_k, key[:, :, :take]], dim=2)
-        layer.sink_v = torch.cat([layer.sink_v, value[:, :, :take]], dim=2)
-        key, value = key[:, :, take:], value[:, :, take:]
-    ck = torch.cat([layer.win_k[:, :, : layer.win_len], key], dim=2)
-    cv = torch.cat([layer.win_v[:, :, : layer.win_len], value], dim=2)
-    n = ck.shape[2]
-    n_mid = max(0, n // S - (W // S - 1)) * S  # as in the prefill: the window keeps < window_pages pages
-    rest = n - n_mid
-    layer.win_k[:, :, :rest] = ck[:, :, n_mid:]
-    layer.win_v[:, :, :rest] = cv[:, :, n_mid:]
-    layer.win_len = rest
-    layer.seq_len += L
-    if n_mid:
+    """Append the chunk's K/V [B, Hkv, L, D] (``LayerKV.absorb``); whole pages that leave the window go to the
+    index and the pool in one insertion job."""
+    mid_k, mid_v = layer.kv.absorb(key, value)
+    layer.seq_len += key.shape[2]
+    if mid_k.shape[2]:
         side = layer._prefill_stream
         copies_done = side.record_event() if side is not None else None
-        layer._run_job(_insert_after, layer, copies_done, ck[:, :, :n_mid].contiguous(), cv[:, :, :n_mid].contiguous())
+        layer._run_job(_insert_after, layer, copies_done, mid_k.contiguous(), mid_v.contiguous())
 
 
 def extend(layer, query, key, value, *, scaling: float, softcap: float | None = None) -> torch.Tensor:
@@ -183,8 +169,8 @@ def extend(layer, query, key, value, *, scaling: float, softcap: float | None = 
         raise ValueError(f"layer {layer.layer_idx}: query {tuple(query.shape)} does not match keys {tuple(key.shape)}")
     layer._drop_ahead()
     layer.wait_ready()  # the pool and the index hold every earlier page
-    if layer._transit:  # a deferred insertion was joined: its page leaves the window now
-        layer._shift_window()
+    if layer.kv.in_transit:  # a deferred insertion was joined: its page leaves the window now
+        layer.kv.shift_window()
     layer.stats.prompt_chunks += 1
     out = _attend(layer, query, key, value, scaling, softcap)
     _absorb(layer, key, value)

@@ -303,7 +303,7 @@ class SelectorConformance(_Requires):
         keys[:, 0, needle] = q[:, 0] / q[:, 0].norm() * 40.0  # one key dominates KV head 0's attention
         layer = self._layer(max(self.budgets), keys, values)
         sel = layer.selector.select(q, layer.context(scaling=32**-0.5))
-        page = int(layer.cpu_pool.token_page[0, 0, needle - b.sink_tokens])
+        page = int(layer.kv.cpu_pool.token_page[0, 0, needle - b.sink_tokens])
         assert page in sel.page_ids[0, 0].tolist()
 
 

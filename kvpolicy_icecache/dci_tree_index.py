@@ -174,7 +174,7 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
         self._host_keys = False  # the key store sits in pinned host memory (keys_on_host on a CUDA device)
         self._host_tables = False  # every growing table sits on the host too; search reads ``_mirror``
         self._min_pages = 0  # host copy of num_pages.min() (no sync on the search path)
-        self._graph = None  # (key, graph, static query, static fov, output) of the captured masked search
+        self._graph = None  # GraphCache of the masked search (kvpolicy.concurrency), made by its first replay
         self._n = 0
         self._S = 0
         self._B = self._H = self._D = 0

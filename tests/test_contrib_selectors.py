@@ -155,8 +155,8 @@ def test_digests_follow_added_pages():
     n1 = int(st.index.num_pages.max())
     assert n1 > n0
     d = st.selector.digests
-    pool_k = st.cpu_pool.k[0, 0, :n1].float()  # [P, S, D]
-    lens = st.cpu_pool.lengths[0, 0, :n1]
+    pool_k = st.kv.cpu_pool.k[0, 0, :n1].float()  # [P, S, D]
+    lens = st.kv.cpu_pool.lengths[0, 0, :n1]
     for p in range(n1):
         kk = pool_k[p, : int(lens[p])]
         assert torch.allclose(d.lo[0, 0, p], kk.amin(0)) and torch.allclose(d.hi[0, 0, p], kk.amax(0))

@@ -43,7 +43,7 @@ def test_fp8_pool_decodes_like_the_model_dtype_pool(arch, policy, chunk):
     ids = torch.randint(1, 128, (1, 400), generator=torch.Generator().manual_seed(1))
     ref, _ = _run(model, ids, policy, "auto", chunk)
     got, cache = _run(model, ids, policy, "fp8", chunk)
-    pool = cache.layers[cache.policy_layers[0]].state.cpu_pool
+    pool = cache.layers[cache.policy_layers[0]].state.kv.cpu_pool
     assert pool.fp8 and pool.k_chunks[0].dtype == torch.float8_e4m3fn
     for a, b in zip(ref.logits, got.logits):  # while the tokens agree, so do the logits, within LOGIT_TOL
         assert (a - b).abs().max() <= LOGIT_TOL
@@ -58,7 +58,7 @@ def test_fp8_pool_memory_is_reported():
     ids = torch.randint(1, 128, (1, 400), generator=torch.Generator().manual_seed(1))
     caches = {dt: _run(model, ids, "quest", dt, n=2)[1] for dt in ("auto", "fp8")}
     mem = {dt: c.memory() for dt, c in caches.items()}
-    pools = {dt: [c.layers[i].state.cpu_pool for i in c.policy_layers] for dt, c in caches.items()}
+    pools = {dt: [c.layers[i].state.kv.cpu_pool for i in c.policy_layers] for dt, c in caches.items()}
     scales = sum(p.k_scale.nbytes + p.v_scale.nbytes for p in pools["fp8"])
     assert [p.capacity for p in pools["fp8"]] == [p.capacity for p in pools["auto"]]
     assert mem["fp8"]["cpu_kv"] == mem["auto"]["cpu_kv"] // 4 + scales  # float32 model: 4 bytes -> 1, plus scales
@@ -75,7 +75,7 @@ def test_a_pool_of_many_small_chunks_streams_and_decodes(monkeypatch, pool_dtype
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 300), generator=torch.Generator().manual_seed(2))
     out, cache = _run(model, ids, "exact-topk", pool_dtype, chunk=64, n=40)
-    pool = cache.layers[cache.policy_layers[0]].state.cpu_pool
+    pool = cache.layers[cache.policy_layers[0]].state.kv.cpu_pool
     assert pool.chunk_pages == 2 and pool.num_chunks > 8
     if pool_dtype == "auto":
         with torch.inference_mode():

@@ -44,10 +44,10 @@ def test_offloaded_pages_live_in_pinned_cpu_memory():
     model.set_attn_implementation("sdpa")
     for layer in cache.layers:
         assert isinstance(layer, PolicyCacheLayer)
-        st = layer.state
-        assert st.cpu_pool.k_chunks[0].device.type == "cpu" and all(c.is_pinned() for c in st.cpu_pool.k_chunks)
-        assert st.gpu_pool.k.device.type == "cuda" and st.gpu_pool.capacity == 4  # 128 = (2+2+4) pages
-        assert st.sink_k.device.type == "cuda" and st.win_k.device.type == "cuda"
+        st, kv = layer.state, layer.state.kv
+        assert kv.cpu_pool.k_chunks[0].device.type == "cpu" and all(c.is_pinned() for c in kv.cpu_pool.k_chunks)
+        assert kv.gpu_pool.k.device.type == "cuda" and kv.gpu_pool.capacity == 4  # 128 = (2+2+4) pages
+        assert kv.sink_k.device.type == "cuda" and kv.win_k.device.type == "cuda"
         assert st.stats.pages_moved > 0 and st.stats.bytes_moved > 0
     mem = cache.memory()
     assert mem["device_kv"] < 0.4 * mem["cpu_kv"]  # 128 of ~620 tokens on the GPU
@@ -100,7 +100,7 @@ def test_dci_tree_graph_search_follows_adds_and_growth():
         b.add(page)
         if i % 8 == 0:
             assert torch.equal(a.search(q, 12).page_ids, b.search(q, 12).page_ids)
-            captures.add(a._graph[0])
+            captures.add(a._graph.key)
     assert len(captures) >= 2  # at least one re-capture after a reallocation
 
 
@@ -130,7 +130,7 @@ def test_captured_decode_steps_match_eager_ones(preset):
             outs.append(layer.decode(q, k, v, scaling=D ** -0.5).clone())
             sels.append(layer.last_selection.page_ids.clone())
         torch.cuda.synchronize()
-        runs[graphs] = (outs, sels, layer.stats.as_dict(), layer._graph is not None)
+        runs[graphs] = (outs, sels, layer.stats.as_dict(), layer.graphs.captured)
     eager, graphed = runs[False], runs[True]
     assert graphed[3] and not eager[3]  # the graph path really ran
     for a, b in zip(eager[1], graphed[1]):
@@ -165,7 +165,7 @@ def test_captured_model_decoding_matches_eager(preset):
     model.set_attn_implementation("sdpa")
     assert torch.equal(outs[0], outs[1])
     states = [caches[1].layers[i].state for i in caches[1].policy_layers]
-    assert all(s._graph is not None for s in states)  # every policy layer, followers included, replayed
+    assert all(s.graphs.captured for s in states)  # every policy layer, followers included, replayed
     assert caches[1].stats()["pages_inserted"] == caches[0].stats()["pages_inserted"] > 0
 
 
@@ -321,7 +321,7 @@ def test_index_reading_the_pool_decodes_as_its_own_key_copy(pool_dtype):
             outs.append(model.generate(ids, **cache_kwargs(cache), max_new_tokens=64, do_sample=False))
         states = [cache.layers[i].state for i in cache.policy_layers]
         assert all((s.index._keys is None) == in_pool for s in states)
-        assert all(s.index._pool is (s.cpu_pool if in_pool else None) for s in states)
+        assert all(s.index._pool is (s.kv.cpu_pool if in_pool else None) for s in states)
         for s in states:
             s.index.validate()
         idx_bytes.append(sum(s.index.nbytes for s in states))

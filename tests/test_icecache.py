@@ -67,10 +67,10 @@ def test_layer_reuse_mirrors_the_anchor(model):
         for f in followers:
             st = cache.layers[f].state
             assert isinstance(st.index, MirrorIndex) and st.index.anchor is cache.layers[a].state
-            assert torch.equal(st.cpu_pool.token_ids, cache.layers[a].state.cpu_pool.token_ids)
+            assert torch.equal(st.kv.cpu_pool.token_ids, cache.layers[a].state.kv.cpu_pool.token_ids)
             assert torch.equal(st.last_selection.page_ids, cache.layers[a].state.last_selection.page_ids)
             assert st.index.nbytes == 0
-            assert not torch.equal(st.cpu_pool.k, cache.layers[a].state.cpu_pool.k)  # its own K/V
+            assert not torch.equal(st.kv.cpu_pool.k, cache.layers[a].state.kv.cpu_pool.k)  # its own K/V
 
 
 def test_same_seed_same_selection(model):

@@ -500,9 +500,10 @@ def test_dispatch_env_var(monkeypatch):
     assert attention_backend(q.to("meta")) == "torch"
 
 
-def test_layer_calls_the_dispatcher():
-    src = (ROOT / "kvpolicy" / "layer.py").read_text()
-    assert "decode_attention(" in src and "paged_decode_attention(" not in src
+def test_the_decode_step_calls_the_dispatcher():
+    """The layer's decode step (``kvpolicy.step``) attends through the dispatcher, never the torch reference."""
+    step, layer = ((ROOT / "kvpolicy" / name).read_text() for name in ("step.py", "layer.py"))
+    assert "decode_attention(" in step and "paged_decode_attention(" not in step + layer
 
 
 def _bad(args, i, value):

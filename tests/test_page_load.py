@@ -245,7 +245,7 @@ def test_fp8_pool_decodes_alike_with_every_transfer(transfer):
         model.set_attn_implementation("sdpa")
         st = cache.stats()
         moved.append((st["pages_moved"], st["bytes_moved"]))
-        assert cache.layers[cache.policy_layers[0]].state.cpu_pool.k_chunks[0].dtype == torch.float8_e4m3fn
+        assert cache.layers[cache.policy_layers[0]].state.kv.cpu_pool.k_chunks[0].dtype == torch.float8_e4m3fn
     assert torch.equal(outs[0], outs[1])
     pages, nbytes = moved[1]
     assert pages > 0 and nbytes == pages * (2 * 16 * 16 + 8)  # S=16, D=16: fp8 K and V plus two scales

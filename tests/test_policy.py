@@ -119,7 +119,7 @@ def test_short_prompt_fills_sink_first():
     layer.prefill(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8))
     for _ in range(30):
         layer.decode(torch.randn(1, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8), scaling=0.3)
-    assert layer.sink_k.shape[2] == 32 and layer.seq_len == 40 and layer.win_len == 8
+    assert layer.kv.sink_k.shape[2] == 32 and layer.seq_len == 40 and layer.kv.win_len == 8
 
 
 def test_layer_memory_says_where_the_index_lives():

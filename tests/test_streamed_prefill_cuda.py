@@ -127,7 +127,7 @@ def test_streamed_prefill_from_a_chunked_fp8_pool_on_cuda(monkeypatch):
     ref = model.generate(ids, max_new_tokens=24, do_sample=False)
     runs = {dt: _run(model, ids, "quest:uva", dt, chunk=128, n=24) for dt in ("auto", "fp8")}
     for dt, (_, cache) in runs.items():
-        pool = cache.layers[cache.policy_layers[0]].state.cpu_pool
+        pool = cache.layers[cache.policy_layers[0]].state.kv.cpu_pool
         assert pool.chunk_pages == 2 and pool.num_chunks > 8 and pool.pinned and pool.fp8 == (dt == "fp8")
         assert cache.stats()["prompt_chunks"] > 0
     assert torch.equal(runs["auto"][0].sequences, ref)

@@ -96,8 +96,9 @@ def synthetic_fill(model, cache, length: int, *, seed: int = 0) -> None:
 def _host_bytes(cache) -> dict[str, int]:
     """Bytes a cache keeps in CPU memory: the (pinned) page pools and the host part of the index."""
     layers = _policy_layers(cache)
-    pools = sum(la.cpu_pool.nbytes for la in layers if la.cpu_pool is not None)
-    pinned = sum(la.cpu_pool.nbytes for la in layers if la.cpu_pool is not None and la.cpu_pool.pinned)
+    held = [la.kv.cpu_pool for la in layers if la.kv is not None and la.kv.cpu_pool is not None]
+    pools = sum(p.nbytes for p in held)
+    pinned = sum(p.nbytes for p in held if p.pinned)
     index = sum(la.index.nbytes - (la.index.device_nbytes if la.device.type != "cpu" else 0) for la in layers)
     return {"host_pool_bytes": pools, "host_pinned_bytes": pinned, "host_index_bytes": index}
 

@@ -78,7 +78,7 @@ def _git_sha() -> str | None:
 
 def full_layout(layer: PolicyLayer) -> PageLayout:
     """The layout of every page a prefilled layer holds, read back from its CPU pool."""
-    pool, num = layer.cpu_pool, layer.index.num_pages.cpu()
+    pool, num = layer.kv.cpu_pool, layer.index.num_pages.cpu()
     P = int(num.max()) if num.numel() else 0
     ids = torch.arange(P).expand(pool.batch_size, pool.num_kv_heads, P)
     return PageLayout(page_ids=torch.where(ids < num.unsqueeze(-1), ids, PAD), token_ids=pool.token_ids[:, :, :P],
@@ -143,7 +143,7 @@ def _one(layer_qkv: LayerQKV, layer_idx: int, policy: Policy, L: int, n_queries:
     pl.prefill(k, v, queries=c.q[:, :, :L] if pl.selector.needs_prompt_queries else None)
     build_ms = pl.stats.build_index_s * 1e3
     layout = full_layout(pl)
-    n_sink = pl.sink_k.shape[2]
+    n_sink = pl.kv.sink_k.shape[2]
     mid_k = k[:, :, n_sink : n_sink + layout.num_tokens].cpu()
     rec, mass, err, search = [], [], [], []
     for j in range(n_queries):

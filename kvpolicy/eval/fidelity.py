@@ -92,7 +92,7 @@ def fidelity_row(model: Any, qkv: dict, ids: torch.Tensor, L: int, job: EvalJob,
             q = c.q[:, :, L + j]  # [B, Hq, D]
             sel = pl.selector.select(q, pl.context(c.scaling, prev))
             prev = sel
-            n_sink = pl.sink_k.shape[2]
+            n_sink = pl.kv.sink_k.shape[2]
             m = selection_metrics(q, c.k[:, :, :L], c.v[:, :, :L], c.scaling, n_sink, full_layout(pl), sel)
             mass[i].append(m["mass_recall_heads"])
             err[i].append(m["rel_out_error_heads"])

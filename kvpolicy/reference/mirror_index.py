@@ -37,7 +37,7 @@ class MirrorIndex(Index):
         self._n = 0
 
     def _full_layout(self) -> PageLayout:
-        pool, P = self.anchor.cpu_pool, int(self.anchor.index.num_pages.max()) if self.anchor.index.num_tokens else 0
+        pool, P = self.anchor.kv.cpu_pool, int(self.anchor.index.num_pages.max()) if self.anchor.index.num_tokens else 0
         B, H = pool.batch_size, pool.num_kv_heads
         ids = torch.arange(P).expand(B, H, P)
         num = self.anchor.index.num_pages.cpu()  # [B, H]; the anchor's index may live on the GPU, its pool does not

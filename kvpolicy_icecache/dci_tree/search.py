@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpolicy.concurrency import graph_capture
+from kvpolicy.concurrency import GraphCache
 from kvpolicy.ops import (
     check_tensor,
     gqa_merge,
@@ -261,23 +261,10 @@ class TreeSearch:
         """``_masked_merged`` replayed from a CUDA graph: capture once per (tables, G, k), then one launch per
         search. The tables are updated in place by ``add``; a reallocation (capacity growth, build) changes the key
         and triggers a new capture."""
+        if self._graph is None:
+            self._graph = GraphCache()
         key = storage_key(*self._tables()) + (q.shape, k, merge)
-        if self._graph is None or self._graph[0] != key:
-            sq, sf = q.clone(), torch.tensor(fov, device=q.device)
-            side = torch.cuda.Stream(device=q.device)
-            side.wait_stream(torch.cuda.current_stream(q.device))
-            with torch.cuda.stream(side):
-                self._masked_merged(sq, k, sf, merge)  # warm-up outside the graph
-            torch.cuda.current_stream(q.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with graph_capture(graph):  # no job meanwhile
-                out = self._masked_merged(sq, k, sf, merge)
-            self._graph = (key, graph, sq, sf, out)
-        _, graph, sq, sf, out = self._graph
-        sq.copy_(q)
-        sf.fill_(fov)
-        graph.replay()
-        return out
+        return self._graph.replay(key, lambda sq, sf: self._masked_merged(sq, k, sf, merge), q, fov)
 
     def _search_beam(self, q: torch.Tensor, k: int, fov: int, pr: float, pv: float, merge: str = "interleave"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
