@@ -99,6 +99,10 @@ class Index(Part):
 
     kind: ClassVar[str] = "index"
     supports_add: ClassVar[bool] = False
+    # True: the structure chosen at build (e.g. the DCI tree's centres, fixed after build) should cover the
+    # tokens; a prompt that streams in chunks then builds the index again over the CPU pool's tokens whenever it
+    # has doubled since the last build (``PolicyLayer._rebuild_if_outgrown``), instead of adding them all
+    prefers_full_build: ClassVar[bool] = False
     gqa_merges: ClassVar[tuple[str, ...]] = ("interleave",)
     device: str = "cpu"  # where search runs
 

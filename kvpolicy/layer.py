@@ -85,6 +85,7 @@ class LayerStats:
     prefetched_steps: int = 0  # steps whose pages were selected and loaded ahead (``prefetch``)
     covered_steps: int = 0  # steps whose whole context fitted in the budget: every page attended
     prompt_chunks: int = 0  # multi-token forwards after the first (streamed prefill, continued prompts)
+    rebuilds: int = 0  # index builds again over a streamed prompt's tokens (Index.prefers_full_build)
 
     def as_dict(self) -> dict[str, float]:
         """The counters as numbers (counters that a transfer keeps on the device are read back here)."""
@@ -134,6 +135,7 @@ class PolicyLayer:
         self.step = 0
         self.prefilled = False
         self.kv: LayerKV | None = None  # sink, window, slots, CPU pool: set by the prefill
+        self._built_tokens = 0  # tokens of the last index build (see _rebuild_if_outgrown)
         self.graphs.clear()
         self._ahead: Loaded | None = None  # made by prefetch() for the step in Loaded.step
         self._ahead_stream = None  # CUDA stream that prefetch() runs on
@@ -222,6 +224,7 @@ class PolicyLayer:
         kv.cpu_pool.write(layout, mid_k, mid_v, base=0)
         self.index.attach_pool(kv.cpu_pool)  # an index may read its keys there from now on (Index.attach_pool)
         kv.max_pages = P
+        self._built_tokens = mid_k.shape[2]
         t2 = time.perf_counter()
         retrieved = self.budget.retrieved_pages  # an unlimited budget: every page (the working set grows later)
         kv.setup_slots(self.allocator, P if retrieved is None else self.selector.max_pages_per_head(retrieved))
@@ -231,6 +234,23 @@ class PolicyLayer:
         st.build_s += time.perf_counter() - t0
         st.build_index_s += t1 - t0  # the index alone (the pool's allocation is pool_alloc_s)
         st.build_pool_s += t2 - ta  # the pool write
+
+    def _rebuild_if_outgrown(self) -> None:
+        """In a streamed prompt's insertion job: if the index ``prefers_full_build`` and now holds more than twice
+        the tokens of its last build, build it again over all of them, read back from the CPU pool (a new pool in
+        the new pages, new slots, ``Selector.prepare`` again). A prompt streamed in chunks is then indexed as a
+        one-shot prefill would be, up to the last doubling: the structure chosen at build (the DCI tree's centres)
+        covers at least half of the tokens, and the builds cost at most twice the last one. Decode-time
+        insertions never rebuild (the paper's incremental insertion)."""
+        n = self.index.num_tokens
+        if not self.index.prefers_full_build or n <= 2 * self._built_tokens:
+            return
+        (B, H, D), pool = self.shape, self.kv.cpu_pool
+        rows = torch.arange(B * H).repeat_interleave(n)
+        toks = torch.arange(n).repeat(B * H)
+        k, v = (pool.read_tokens(rows, toks, name).to(self.device, self.dtype).view(B, H, n, D) for name in "kv")
+        self._build(k, v, (None, None), self.kv.sink_k.shape[2])
+        self.stats.rebuilds += 1
 
     # ------------------------------------------------------------------ background jobs
     def _run_job(self, fn, *args, ranked: bool = False) -> None:

@@ -425,18 +425,24 @@ class PagePool:
         return out.float() * scale.view(-1)[rows * self.lengths.shape[2] + pages].unsqueeze(-1)
 
     def read_keys(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """K of tokens by index-local id, wherever they are stored now: rows (``b * Hkv + h``) and tokens ``[n]``
-        int64 (each stored here) -> ``[n, D]`` float32 (fp8 dequantised). An index that reads its keys from this
-        pool (``Index.attach_pool``) gathers the keys of tokens it moves with it."""
+        """K of tokens by index-local id (``read_tokens``). An index that reads its keys from this pool
+        (``Index.attach_pool``) gathers the keys of tokens it moves with it."""
+        return self.read_tokens(rows, tokens, "k")
+
+    def read_tokens(self, rows: torch.Tensor, tokens: torch.Tensor, name: str = "k") -> torch.Tensor:
+        """K (``name="k"``) or V (``"v"``) of tokens by index-local id, wherever they are stored now: rows
+        (``b * Hkv + h``) and tokens ``[n]`` int64 (each stored here) -> ``[n, D]`` float32 (fp8 dequantised)."""
+        if name not in ("k", "v"):
+            raise ValueError(f"name must be 'k' or 'v', got {name!r}")
         if not self.track_tokens:
-            raise RuntimeError("PagePool.read_keys needs track_tokens=True (a slot pool keeps no token map)")
+            raise RuntimeError("PagePool.read_tokens needs track_tokens=True (a slot pool keeps no token map)")
         rows, tokens = rows.to(self.device), tokens.to(self.device)
         T = self.token_page.shape[-1]
         flat = rows * T + tokens
         pages, offs = self.token_page.view(-1)[flat], self.token_offset.view(-1)[flat]
         if bool((pages < 0).any()):
-            raise ValueError("read_keys asked for a token that this pool does not hold")
-        return self._get_tokens("k", rows, pages, offs).float()
+            raise ValueError("read_tokens asked for a token that this pool does not hold")
+        return self._get_tokens(name, rows, pages, offs).float()
 
     def write(self, layout: PageLayout, keys: torch.Tensor, values: torch.Tensor, base: int) -> None:
         """Write the pages of ``layout``.

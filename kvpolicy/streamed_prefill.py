@@ -12,7 +12,9 @@ The chunk's queries attend exactly to every earlier token of the layer and causa
 
 merged exactly by their log-sum-exp (``kvpolicy.chunk_attention``). The chunk's K/V then join the layer as the
 decode path's tokens do: the window takes the newest, whole pages before it go to the index (``Index.add``) and
-the pool in one insertion job (in the background with ``overlap``), the sink fills first if it is short.
+the pool in one insertion job (in the background with ``overlap``), the sink fills first if it is short. An index
+that ``prefers_full_build`` (the DCI tree, whose centres are fixed at build) is built again in that job, from the
+pool's tokens, whenever it holds more than twice the tokens of its last build (``PolicyLayer._rebuild_if_outgrown``).
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def _insert_after(layer, copies_done, k: torch.Tensor, v: torch.Tensor) -> None:
     if copies_done is not None:
         copies_done.synchronize()
     layer._insert(k, v)
+    layer._rebuild_if_outgrown()  # an index built on the first chunks only is built again (PolicyLayer)
 
 
 def _absorb(layer, key: torch.Tensor, value: torch.Tensor) -> None:

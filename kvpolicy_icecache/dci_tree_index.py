@@ -67,6 +67,7 @@ class DCITreeIndex(TreeBuild, TreeInsert, TreeSearch, TreeMirror, Index):
 
     name: ClassVar[str] = "dci_tree"
     supports_add: ClassVar[bool] = True
+    prefers_full_build: ClassVar[bool] = True  # centres are fixed after build: a streamed prompt rebuilds the tree
     gqa_merges: ClassVar[tuple[str, ...]] = GQA_MERGES  # SearchParams.gqa_merge (kvpolicy_icecache.dci_tree.search)
     # conformance sweep (tests/test_conformance.py) runs tiny(): recall@8 measured 1.0 on the suite's data,
     # 0.875..1.0 (mean 0.96) over 10 key seeds

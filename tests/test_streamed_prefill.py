@@ -145,3 +145,30 @@ def test_progress_bars_over_the_prompt_chunks_and_the_index_builds(tiny_llama, c
                       progress=True)
     err = capsys.readouterr().err
     assert "prefill" in err and "index build" in err and "3/3" in err  # tiny_llama: 3 layers, 3 builds
+
+
+def test_streamed_icecache_rebuilds_its_tree_over_the_prompt(tiny_llama):
+    """The DCI tree's centres are fixed at build, so a streamed prompt builds the tree again whenever its tokens
+    have doubled. Here the last doubling falls on the last chunk (1,024 tokens in chunks of 256: builds over the
+    first chunk's offloaded tokens, then at 512 and 1,024 tokens), so the tree is the one-shot prefill's: the same
+    pages, and at a limited budget the same tokens. Without the rebuilds the streamed tree differs."""
+    ids = torch.randint(0, 128, (1, 1024), generator=torch.Generator().manual_seed(8))
+    kw = dict(policy="icecache", budget=128, max_new_tokens=24)
+    one = kvpolicy.generate(tiny_llama, ids, prefill_chunk=None, **kw)
+    streamed = kvpolicy.generate(tiny_llama, ids, prefill_chunk=256, **kw)
+    assert one.stats["rebuilds"] == 0 and streamed.stats["rebuilds"] > 0
+    assert torch.equal(one.token_ids, streamed.token_ids)
+    caches = []
+    for chunk in (None, 256):  # the trees themselves: same pages (token ids of every page) in every layer
+        cache = KVPolicyCache(tiny_llama, kvpolicy.policy.Policy.resolve("icecache", budget=128), prefill_chunk=chunk)
+        if chunk:
+            prefill(tiny_llama, cache, ids, chunk)
+        else:
+            with torch.inference_mode():
+                tiny_llama(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        caches.append(cache)
+    for i in caches[0].policy_layers:
+        a, b = (c.layers[i].state for c in caches)
+        a.wait_ready()
+        b.wait_ready()
+        assert torch.equal(a.index.token_pages(), b.index.token_pages()), i
