@@ -272,7 +272,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from kvpolicy.eval.report import common_tasks, comparison_markdown, markdown_report, plot_report, split_markdown
+    from kvpolicy.eval.report import (
+        common_tasks,
+        comparison_markdown,
+        markdown_report,
+        plot_report,
+        split_markdown,
+    )
     from kvpolicy.eval.runner import read_rows
 
     if args.compare is not None and (len(args.compare) != 2 or not all(args.compare)):
