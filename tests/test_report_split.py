@@ -85,3 +85,21 @@ def test_report_cli_split(tmp_path, capsys):
     assert "| m | 4096 | 64 | oracle-p16 | oracle-p16 | 8 |" in capsys.readouterr().out
     assert main(["report", str(path), "--split", "quest"]) == 2
     assert "'quest' has no scored rows" in capsys.readouterr().err
+
+
+def test_paired_interval_does_not_depend_on_the_hash_seed(tmp_path):
+    """The bootstrap resamples positions: the pairs must come in one order whatever Python's string hash seed."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.jsonl"
+    rows = [_r(t, p, 64, i, float((i * 7 + len(t) + len(p)) % 3 > 0)) for t in ("task_a", "task_b", "task_c")
+            for p in ("icecache", "oracle-p16") for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = ("import json, sys; from kvpolicy.eval.stats import paired_comparison; "
+            "rows = [json.loads(x) for x in open(sys.argv[1])]; "
+            "p = paired_comparison(rows, 'icecache', 'oracle-p16')[('m', 4096, 64)]; print(p.diff)")
+    outs = {subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3, 4)}
+    assert len(outs) == 1, outs

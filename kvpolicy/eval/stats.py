@@ -120,7 +120,9 @@ def paired_comparison(rows: Sequence[Mapping[str, Any]], a: str, b: str, **kw: A
         d = by[name]
         return d.get((*key, budget), d.get((*key, None)) if budgets(name) == {None} else None)
 
-    keys = {k[:-1] for name in (a, b) for k in by[name]}
+    # sorted: a set of string keys iterates in an order that changes with Python's hash seed, and the bootstrap
+    # resamples positions, so an unsorted order gave other intervals on every run
+    keys = sorted({k[:-1] for name in (a, b) for k in by[name]}, key=repr)
     all_budgets = sorted(budgets(a) | budgets(b), key=lambda x: (x is None, x or 0))
     if len(all_budgets) > 1:
         all_budgets = [x for x in all_budgets if x is not None] if None not in budgets(a) & budgets(b) else all_budgets
