@@ -218,9 +218,9 @@ def test_per_head_budget_with_rerank_holds_the_total():
 
 
 def test_preset_and_search_params_untouched():
-    assert get_registry().get("preset", "icecache-rerank")["selector"] == {"name": "icecache", "rerank": "mass"}
+    assert get_registry().get("preset", "icecache-rerank")["selector"] == {"name": "icecache", "rerank": "max"}
     pol = Policy.preset("icecache-rerank", budget=64)
-    assert pol.selector.params["rerank"] == "mass"
+    assert pol.selector.params["rerank"] == "max"
     assert isinstance(IceCacheSelector(rerank="mass").search_params(_layer("mass")[0].context()), SearchParams)
 
 

@@ -208,8 +208,9 @@ def split_markdown(rows: Sequence[dict[str, Any]], policies: Sequence[str], *, f
     out.append("\nScores (%) are means over the (task, sample) pairs that all four policies scored; each difference "
                "is in points with its 95% bootstrap interval (pairs resampled within each task, 2,000 resamples, "
                "seed 0). The three steps add up to the total. A negative step means the later policy scored higher "
-               "on these samples (e.g. a page oracle above the token oracle: attention mass is not the task's "
-               "objective). An interval that excludes 0 supports the step.\n")
+               "on these samples: the page oracle ranks positional pages by attention mass, so a policy with other "
+               "pages (IceCache's semantic ones) can beat it, and attention mass is not the task's objective. An "
+               "interval that excludes 0 supports the step.\n")
     return "\n".join(out)
 
 
