@@ -139,7 +139,7 @@ def test_max_over_every_page_is_the_group_max_ranking():
     ctx = layer.context(scaling=32**-0.5)
     q = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(4))
     sel = layer.selector.select(q, ctx)
-    pool, P = layer.cpu_pool, int(ctx.num_pages.max())
+    pool, P = ctx.pool, int(ctx.num_pages.max())
     keys = pool.read_range(0, P, dtype=torch.float32)[0]  # [1, 2, P, S, D] every page of the tree
     logits = torch.einsum("bhgd,bhpsd->bhgps", q.view(1, 2, 2, 32), keys)
     valid = torch.arange(pool.page_size) < pool.lengths[:, :, :P].unsqueeze(-1)  # [1, 2, P, S]
