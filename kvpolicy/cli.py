@@ -272,7 +272,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from kvpolicy.eval.report import common_tasks, comparison_markdown, markdown_report, plot_report
+    from kvpolicy.eval.report import (
+        common_tasks,
+        comparison_markdown,
+        markdown_report,
+        plot_report,
+        split_markdown,
+    )
     from kvpolicy.eval.runner import read_rows
 
     if args.compare is not None and (len(args.compare) != 2 or not all(args.compare)):
@@ -293,6 +299,8 @@ def cmd_report(args) -> int:
     text = markdown_report(rows)
     if args.compare:
         text += "\n" + comparison_markdown(rows, *args.compare)
+    if args.split:
+        text += "\n" + split_markdown(rows, args.split)
     print(text)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
@@ -527,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compare", type=_str_list, default=None, metavar="A,B",
                    help="paired comparison of two policies on the same samples, per budget: wins/ties/losses "
                    "and the 95%% bootstrap interval of the mean difference")
+    s.add_argument("--split", type=_str_list, nargs="?", const=["icecache"], default=None, metavar="POLICY,...",
+                   help="split the gap from full to each policy (default icecache), per budget, into the budget "
+                   "(full - oracle-token), pages (oracle-token - the page oracle of its page size) and the search "
+                   "(page oracle - policy), with 95%% bootstrap intervals")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ablate", help="indexes x budgets on a real model's keys and queries (recall, mass, speed)")

@@ -11,8 +11,9 @@ import torch
 from kvpolicy.interfaces import Selector
 from kvpolicy.ops import GQA_MERGES, check_gqa_merge, share_pages, storage_key
 from kvpolicy.types import PAD, SearchParams, SelectContext, Selection
+from kvpolicy_icecache.rerank import RERANKS, rerank_candidates, rerank_pages
 
-__all__ = ["HEAD_BUDGETS", "IceCacheSelector"]
+__all__ = ["HEAD_BUDGETS", "RERANKS", "IceCacheSelector"]
 
 HEAD_BUDGETS = ("uniform", "mass")  # how the retrieved pages are shared among the KV heads (IceCacheSelector)
 
@@ -43,8 +44,20 @@ class IceCacheSelector(Selector):
       ``Hkv * k`` pages are shared among its KV heads by attention mass (``kvpolicy.ops.share_pages``): each head
       ranks ``max_pages_per_head(k) = ceil(head_budget_max * k)`` candidates and heads whose attention is flat
       over them get more pages, peaked ones fewer (at least one). It needs page scores, so a score-based
-      ``gqa_merge`` (``"max"`` or ``"mean"``). The GPU working set holds the per-head cap: ``head_budget_max``
+      ``gqa_merge`` (``"max"`` or ``"mean"``) or a ``rerank``. The GPU working set holds the per-head cap: ``head_budget_max``
       times the slots of ``"uniform"``, of which ``Hkv * k`` are attended per step.
+    * ``rerank``: ``"none"`` (the paper: the index's ranking is the selection), ``"max"`` or ``"mass"``: the index
+      is asked for ``ceil(rerank_factor * k)`` candidate pages per KV head, their tokens are scored exactly
+      against the GQA group's queries (keys read from the layer's CPU page pool, ``ctx.pool``) and the ``k``
+      best candidates by a page score are kept (``kvpolicy_icecache.rerank``): ``"max"``, the page's best
+      ``q . k`` over its tokens and the group's heads; ``"mass"``, the page's share of the softmax attention over
+      all candidate tokens, summed over the group's heads (the attention oracle's criterion on the candidates).
+      ``Selection.scores`` holds that page score. With ``head_budget="mass"`` the re-ranked candidates (the
+      per-head cap of them) are shared among the heads by the re-ranked scores. An unlimited budget attends
+      every page and is not re-ranked. Reading candidate keys from the host pool makes the step uncapturable
+      (``capture_key`` is None) and, on a GPU, costs a host round trip per layer and step: an accuracy option.
+    * ``rerank_factor``: candidates per kept page (a number in [1, 64], default 4; 1 re-orders the index's own
+      ``k`` pages, which changes nothing attended).
     """
 
     name: ClassVar[str] = "icecache"
@@ -61,6 +74,8 @@ class IceCacheSelector(Selector):
     gqa_merge: str = "interleave"
     head_budget: str = "uniform"
     head_budget_max: float = 2.0
+    rerank: str = "none"
+    rerank_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.fov_ratio <= 1:
@@ -79,9 +94,13 @@ class IceCacheSelector(Selector):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= v <= 16.0:
             raise ValueError(f"head_budget_max must be a number in [1, 16] (pages per head, in units of the uniform "
                              f"share), got {v!r}")
-        if self.head_budget == "mass" and self.gqa_merge == "interleave":
+        check_gqa_merge(self.rerank, RERANKS, "icecache rerank")
+        v = self.rerank_factor
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= v <= 64.0:
+            raise ValueError(f"rerank_factor must be a number in [1, 64] (candidate pages per kept page), got {v!r}")
+        if self.head_budget == "mass" and self.gqa_merge == "interleave" and self.rerank == "none":
             raise ValueError("icecache head_budget='mass' shares pages by their scores: it needs gqa_merge 'max' or "
-                             "'mean' (interleaved ranks carry no score), got gqa_merge='interleave'")
+                             "'mean' (interleaved ranks carry no score) or a rerank, got gqa_merge='interleave'")
         self._follow_key: tuple | None = None  # a following layer's last capture key (see capture_key)
 
     def is_anchor(self, layer: int) -> bool:
@@ -114,6 +133,10 @@ class IceCacheSelector(Selector):
         """Whether this step shares pages among heads (a limited budget, below the index's pages)."""
         return self.head_budget != "uniform" and ctx.budget.retrieved_pages is not None
 
+    def _reranks(self, ctx: SelectContext) -> bool:
+        """Whether this step re-ranks candidates (an option set and a limited budget)."""
+        return self.rerank != "none" and ctx.budget.retrieved_pages is not None
+
     def capture_key(self, ctx: SelectContext) -> tuple | None:
         """Anchor layers whose index search is capturable (the ``dci_tree`` masked search on CUDA), and layers
         that reuse an anchor's selection once it comes from fixed storage: the captured step then reads the
@@ -127,6 +150,8 @@ class IceCacheSelector(Selector):
             key = ("icecache-follow", storage_key(prev.page_ids), ctx.k)
             stable, self._follow_key = key == self._follow_key, key
             return key if stable else None
+        if self._reranks(ctx):  # reads candidate keys from the host pool: not capturable
+            return None
         k = self.max_pages_per_head(ctx.k) if self._shares(ctx) else ctx.k
         key = ctx.index.capture_key(k, self.search_params(ctx))
         return None if key is None else ("icecache", key, self._shares(ctx), float(ctx.scaling))
@@ -148,7 +173,15 @@ class IceCacheSelector(Selector):
         if self.gqa_merge not in type(ctx.index).gqa_merges:
             raise ValueError(f"icecache gqa_merge={self.gqa_merge!r} needs an index that merges by scores; index "
                              f"{ctx.index.name!r} supports {', '.join(map(repr, type(ctx.index).gqa_merges))}")
-        if not self._shares(ctx):
+        shares = self._shares(ctx)
+        want = self.max_pages_per_head(ctx.k) if shares else ctx.k
+        if self._reranks(ctx):
+            cand = ctx.index.search(query, rerank_candidates(want, self.rerank_factor), params=self.search_params(ctx))
+            ids, scores, units = rerank_pages(query, cand.page_ids, ctx.pool, want, self.rerank, ctx.scaling)
+            if not shares:
+                return Selection(page_ids=ids, scores=scores)
+            return Selection(page_ids=share_pages(ids, units, ctx.k, ctx.scaling))  # [B, Hkv, <= cap]
+        if not shares:
             return ctx.index.search(query, ctx.k, params=self.search_params(ctx))
-        sel = ctx.index.search(query, self.max_pages_per_head(ctx.k), params=self.search_params(ctx))
+        sel = ctx.index.search(query, want, params=self.search_params(ctx))
         return Selection(page_ids=share_pages(sel.page_ids, sel.scores, ctx.k, ctx.scaling))  # [B, Hkv, <= cap]

@@ -31,6 +31,11 @@ def kvpolicy_register_presets():
         # uniform per-head budgets, interleaved GQA ranks)
         "icecache-paper": {"selector": {"name": "icecache"}, "index": {"name": "dci_tree"}, "transfer": "bulk_load",
                            "dense_layers": [0, 1]},
+        # IceCache whose index returns 4x the budget's pages as candidates, re-chosen by their best token's exact
+        # score over the GQA group (IceCacheSelector rerank='max'; an accuracy option: it reads the candidates' keys;
+        # 'max' beat 'mass' at 128 tokens on the CPU ablation, docs/eval.md)
+        "icecache-rerank": {"selector": {"name": "icecache", "rerank": "max"}, "index": {"name": "dci_tree"},
+                            "transfer": "bulk_load", "dense_layers": [0, 1]},
         # IceCache(r): anchor layers 2, 5, 8, ... search; the next two reuse the anchor's pages and selection
         "icecache-reuse": {"selector": {"name": "icecache", "reuse": True}, "index": {"name": "dci_tree"},
                            "transfer": "bulk_load", "dense_layers": [0, 1]},

@@ -3,7 +3,8 @@
 Rows are per (sample, policy, budget); a cell's score is the mean over its samples, ``n`` their count. Tables:
 score per task x policy x budget (one table per length), the average over tasks with its 95% bootstrap interval
 (``kvpolicy.eval.stats``: samples resampled within each task, fixed seed), and the average relative to ``full``
-(the dense cache) of the same model and length; ``comparison_markdown`` pairs two policies sample by sample. Plots (with the intervals as error bars): accuracy vs
+(the dense cache) of the same model and length; ``comparison_markdown`` pairs two policies sample by sample;
+``split_markdown`` splits the gap from ``full`` to a policy with the oracles (budget, pages, search). Plots (with the intervals as error bars): accuracy vs
 budget per policy (one panel per length), accuracy vs length per policy (at each budget), and, where rows carry ``per_layer_head`` fidelity
 matrices (``kvpolicy eval --fidelity``), a heatmap per policy. Long-generation rows (``kvpolicy eval --task longgen``)
 get a table of their means and, per (model, length, generated tokens, budget), one figure of top-1 agreement and KL
@@ -19,11 +20,13 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from kvpolicy.eval.stats import Interval, bootstrap_mean, paired_comparison, row_score
+from kvpolicy.eval.stats import Interval, bootstrap_mean, chain_split, paired_comparison, row_score
 
-__all__ = ["aggregate", "cell_interval", "common_tasks", "comparison_markdown", "markdown_report", "plot_report"]
+__all__ = ["aggregate", "cell_interval", "common_tasks", "comparison_markdown", "markdown_report", "page_oracle",
+           "plot_report", "split_markdown"]
 
 FULL = "full"
+TOKEN_ORACLE = "oracle-token"
 
 
 def _budget_label(b: int | None) -> str:
@@ -140,6 +143,74 @@ def comparison_markdown(rows: Sequence[dict[str, Any]], a: str, b: str) -> str:
                f"such as full, is paired with every budget); wins count samples where {a} scored higher. The "
                f"difference ({a} - {b}) is in points, averaged over tasks; its interval resamples the pairs within "
                f"each task. An interval that excludes 0 supports a difference.\n")
+    return "\n".join(out)
+
+
+def page_oracle(rows: Sequence[dict[str, Any]], policy: str, budget: int | None) -> str | None:
+    """The page-level oracle whose pages match ``policy``'s at ``budget``: ``oracle-p{S}`` for its page size ``S``
+    (``policy_config.page_size``, ``"auto"`` resolved at the budget), or ``oracle`` for 16-token pages when only
+    that is in the rows; None if the rows hold neither."""
+    from kvpolicy.policy import auto_page_size
+
+    sizes = {r.get("policy_config", {}).get("page_size", 16) for r in rows
+             if r.get("policy") == policy and r.get("budget_tokens") == budget and "score" in r}
+    sizes = {auto_page_size(budget) if v == "auto" else int(v) for v in sizes}
+    if len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    have = {r.get("policy") for r in rows if "score" in r}
+    for name in (f"oracle-p{size}", *(["oracle"] if size == 16 else [])):
+        if name in have:
+            return name
+    return None
+
+
+def _iv(iv: Interval, signed: bool = False) -> str:
+    f = "{:+.1f}" if signed else "{:.1f}"
+    m = f.format(100 * iv.mean)
+    if iv.n < 2:
+        return f"{m} (n/a)"
+    return f"{m} [{f.format(100 * iv.lo)}, {f.format(100 * iv.hi)}]"
+
+
+def split_markdown(rows: Sequence[dict[str, Any]], policies: Sequence[str], *, full: str = FULL,
+                   token: str = TOKEN_ORACLE) -> str:
+    """Markdown: per (model, length, budget) and policy, the gap from ``full`` to the policy split along the chain
+    full -> token oracle -> page oracle (``page_oracle``: the policy's page size) -> policy, on the samples all
+    four scored. full - token oracle is what the budget itself costs (no selection of that many tokens does
+    better), token - page oracle what pages cost, page oracle - policy what the policy's search misses (with the
+    difference between its pages and positional ones). Raises ValueError when the rows lack a policy or an
+    oracle."""
+    out = ["### Loss split: budget, pages, search\n",
+           "| model | length | budget | policy | page oracle | pairs | full | token oracle | page oracle | policy "
+           "| budget: full - token | pages: token - page | search: page - policy | total: full - policy |",
+           "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    found = []
+    for pol in policies:
+        budgets = sorted({r["budget_tokens"] for r in rows if r.get("policy") == pol and "score" in r
+                          and r["budget_tokens"] is not None})
+        if not budgets:
+            present = ", ".join(dict.fromkeys(r["policy"] for r in rows if "score" in r)) or "none"
+            raise ValueError(f"--split: policy {pol!r} has no scored rows at a limited budget; policies in the "
+                             f"rows: {present}")
+        for b in budgets:
+            page = page_oracle(rows, pol, b)
+            if page is None:
+                raise ValueError(f"--split: no page-level oracle for {pol!r} at {b} tokens (run oracle-p4/p8/p16 "
+                                 "at its page size, e.g. kvpolicy eval --policy oracle-p16)")
+            for (model, length, budget), sp in chain_split(rows, [full, token, page, pol], budgets=[b]).items():
+                found.append(((model, length, budget, pol), page, sp))
+    for (model, length, budget, pol), page, sp in sorted(found, key=lambda x: (x[0][0], x[0][1], x[0][2],
+                                                                                 policies.index(x[0][3]))):
+        out.append(f"| {model} | {length} | {budget} | {pol} | {page} | {sp.pairs} | "
+                   + " | ".join(f"{100 * iv.mean:.1f}" for iv in sp.scores) + " | "
+                   + " | ".join(_iv(iv, True) for iv in (*sp.steps, sp.total)) + " |")
+    out.append("\nScores (%) are means over the (task, sample) pairs that all four policies scored; each difference "
+               "is in points with its 95% bootstrap interval (pairs resampled within each task, 2,000 resamples, "
+               "seed 0). The three steps add up to the total. A negative step means the later policy scored higher "
+               "on these samples: the page oracle ranks positional pages by attention mass, so a policy with other "
+               "pages (IceCache's semantic ones) can beat it, and attention mass is not the task's objective. An "
+               "interval that excludes 0 supports the step.\n")
     return "\n".join(out)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BOOTSTRAP_SEED", "BOOTSTRAPS", "Interval", "Paired", "bootstrap_mean", "paired_comparison",
-           "row_score"]
+__all__ = ["BOOTSTRAP_SEED", "BOOTSTRAPS", "Interval", "Paired", "Split", "bootstrap_mean", "chain_split",
+           "paired_comparison", "row_score"]
 
 BOOTSTRAP_SEED = 0
 BOOTSTRAPS = 2000
@@ -48,6 +48,19 @@ class Paired:
     @property
     def pairs(self) -> int:
         return self.wins + self.ties + self.losses
+
+
+@dataclass(frozen=True)
+class Split:
+    """A gap split along a chain of policies (e.g. full, token oracle, page oracle, a policy) on the samples every
+    one of them scored: each policy's mean, each step ``names[i] - names[i + 1]`` and the total ``names[0] -
+    names[-1]``, with 95% bootstrap intervals. The step means add up to the total's mean."""
+
+    names: tuple[str, ...]
+    pairs: int  # (task, sample) keys scored by every name
+    scores: tuple[Interval, ...]
+    steps: tuple[Interval, ...]
+    total: Interval
 
 
 def row_score(row: Mapping[str, Any]) -> float:
@@ -107,7 +120,9 @@ def paired_comparison(rows: Sequence[Mapping[str, Any]], a: str, b: str, **kw: A
         d = by[name]
         return d.get((*key, budget), d.get((*key, None)) if budgets(name) == {None} else None)
 
-    keys = {k[:-1] for name in (a, b) for k in by[name]}
+    # sorted: a set of string keys iterates in an order that changes with Python's hash seed, and the bootstrap
+    # resamples positions, so an unsorted order gave other intervals on every run
+    keys = sorted({k[:-1] for name in (a, b) for k in by[name]}, key=repr)
     all_budgets = sorted(budgets(a) | budgets(b), key=lambda x: (x is None, x or 0))
     if len(all_budgets) > 1:
         all_budgets = [x for x in all_budgets if x is not None] if None not in budgets(a) & budgets(b) else all_budgets
@@ -124,4 +139,56 @@ def paired_comparison(rows: Sequence[Mapping[str, Any]], a: str, b: str, **kw: A
         d = np.concatenate([np.asarray(v) for v in per_task.values()])
         out[cell] = Paired(a, b, int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum()),
                            bootstrap_mean(per_task, **kw))
+    return out
+
+
+def chain_split(rows: Sequence[Mapping[str, Any]], names: Sequence[str], *, budgets: Sequence[int] | None = None,
+                **kw: Any) -> dict[tuple, Split]:
+    """(model, length, budget) -> the gap from ``names[0]`` to ``names[-1]`` split into the steps between
+    consecutive names, on the (task, seed, sample) keys that every name scored at that budget. The budgets are
+    those of the last name (``budgets`` keeps some); a name with only unlimited rows (``full``) counts at every
+    budget, as in ``paired_comparison``. Differences are bootstrapped like a paired comparison (pairs resampled
+    within each task, the same seed for every step). Raises ValueError naming the policies present if a name has
+    no scored row; a budget whose keys no name shares with the others is left out."""
+    if len(names) < 2:
+        raise ValueError(f"a split needs at least two policies, got {list(names)}")
+    scored = [r for r in rows if "score" in r]
+    present = list(dict.fromkeys(r["policy"] for r in scored))
+    for name in names:
+        if name not in present:
+            raise ValueError(f"--split: policy {name!r} has no scored rows; policies in the rows: "
+                             f"{', '.join(present) or 'none'}")
+    by: dict[str, dict[tuple, float]] = {n: {} for n in names}
+    for r in scored:
+        if r["policy"] in by:
+            by[r["policy"]][(*_sample_key(r), r["budget_tokens"])] = row_score(r)
+    unlimited_only = {n for n in names if {k[-1] for k in by[n]} == {None}}
+    last = names[-1]
+    cells = sorted({(k[0], k[1], k[-1]) for k in by[last]}, key=lambda c: (c[0], c[1], c[2] is None, c[2] or 0))
+    out: dict[tuple, Split] = {}
+    for model, length, budget in cells:
+        if budgets is not None and budget not in budgets:
+            continue
+
+        def at(name, key, model=model, length=length, budget=budget):
+            return by[name].get((*key, None if name in unlimited_only else budget))
+
+        keys = sorted({k[:-1] for k in by[last] if k[0] == model and k[1] == length and k[-1] == budget},
+                      key=lambda k: (k[2], k[3], k[4]))
+        keys = [k for k in keys if all(at(n, k) is not None for n in names)]
+        if not keys:
+            continue
+        vals = {n: defaultdict(list) for n in names}
+        for k in keys:
+            for n in names:
+                vals[n][k[2]].append(at(n, k))
+
+        def diff(a, b, vals=vals):
+            return {t: [x - y for x, y in zip(vals[a][t], vals[b][t])] for t in vals[a]}
+
+        out[(model, length, budget)] = Split(
+            names=tuple(names), pairs=len(keys),
+            scores=tuple(bootstrap_mean(vals[n], **kw) for n in names),
+            steps=tuple(bootstrap_mean(diff(a, b), **kw) for a, b in zip(names, names[1:])),
+            total=bootstrap_mean(diff(names[0], names[-1]), **kw))
     return out
