@@ -458,13 +458,6 @@ class PagePool:
         pids, tids = layout.page_ids.to(self.device), layout.token_ids.to(self.device)  # [B,H,M], [B,H,M,S]
         if pids.numel() == 0:
             return
-        # fp8: pages that mix in tokens already held (dequantised, float32) are assembled in float32, then
-        # quantised; a build's pages (all new) stay in the model's dtype until each row is quantised (_put_rows):
-        # a float32 copy of a long layer was the fill's largest GPU transient (4.3 GiB per tensor at 1M tokens)
-        held = tids[tids >= 0]
-        build = held.numel() == 0 or int(held.min()) >= base  # no token this pool already holds is moved
-        work = torch.float32 if self.fp8 and not build else self.dtype
-        keys, values = keys.to(dtype=work), values.to(device=src_dev, dtype=work)
         self.ensure_capacity(int(pids.max()) + 1)
         self._ensure_tokens(base + n)
         B, H, M, S = tids.shape
@@ -479,6 +472,12 @@ class PagePool:
         # flat source row of every slot: new tokens from `keys`, older ones from where this pool holds them
         new_src = (row * n + (tids - base)).clamp(0, max(B * H * n - 1, 0))[rows].reshape(-1)
         any_old = bool(old.any())
+        # fp8: pages that mix in tokens already held (dequantised, float32) are assembled in float32, then
+        # quantised; pages of new tokens only (a build) stay in the model's dtype until each row is quantised
+        # (_put_rows): a float32 copy of a long layer was the fill's largest GPU transient (4.3 GiB per tensor at
+        # 1M tokens)
+        work = torch.float32 if self.fp8 and any_old else self.dtype
+        keys, values = keys.to(dtype=work), values.to(device=src_dev, dtype=work)
         if any_old:
             t_old = tids.clamp(min=0, max=max(self.token_page.shape[-1] - 1, 0)).reshape(B * H, -1)
             old_page = self.token_page.reshape(B * H, -1).gather(1, t_old).reshape(B, H, M, S)
